@@ -1,0 +1,90 @@
+"""The one architecture description that every model family is parsed into."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Both families are the same decoder: bidirectional attention, rotate-half RoPE, RMSNorm, SwiGLU."""
+
+    family: str  # "llada" or "dream": picks the tensor names and sampler defaults
+    vocab_size: int  # rows of the embedding and of the LM head (LLaDA's embedding_size)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden: int
+    rope_theta: float
+    norm_eps: float
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    max_seq_len: int
+    qkv_bias: bool = False  # bias on q/k/v (Dream, LLaDA include_qkv_bias)
+    bias: bool = False  # bias on every linear (LLaDA include_bias)
+    tie_embeddings: bool = False
+    rope_fp32: bool = True  # LLaDA rotates in fp32; Dream rotates in the activation dtype
+    shift_logits: bool = False  # Dream: position i is predicted from hidden state i-1
+    emb_scale: float = 1.0  # LLaDA input_emb_norm multiplies embeddings by sqrt(d_model)
+    logit_scale: float = 1.0  # LLaDA scale_logits multiplies logits by 1/sqrt(d_model)
+    torch_dtype: torch.dtype | None = None  # the dtype the checkpoint declares, if any
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+_REQUIRED = object()
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Fields:
+    """Typed reads from a raw config.json; every failure is one line naming the file and the key."""
+
+    def __init__(self, raw: dict, path: str):
+        self.raw, self.path = raw, path
+
+    def fail(self, key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: field '{key}' must be {expected}, got {self.raw.get(key)!r}")
+
+    def _get(self, key: str, default: object, ok, expected: str):
+        if key not in self.raw or self.raw[key] is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.path}: required field '{key}' is missing ({expected})")
+            return default
+        value = self.raw[key]
+        if not ok(value):
+            raise self.fail(key, expected)
+        return value
+
+    def int(self, key: str, default: object = _REQUIRED, minimum: int = 0) -> int:
+        return self._get(key, default, lambda v: type(v) is int and v >= minimum, f"an integer >= {minimum}")
+
+    def float(self, key: str, default: object = _REQUIRED) -> float:
+        ok = lambda v: type(v) in (int, float) and v > 0  # noqa: E731
+        return float(self._get(key, default, ok, "a positive number"))
+
+    def bool(self, key: str, default: object = _REQUIRED) -> bool:
+        return self._get(key, default, lambda v: type(v) is bool, "true or false")
+
+    def choice(self, key: str, allowed: tuple, default: object = _REQUIRED):
+        """Options that change the numerics and that qdllm does not implement are refused, not ignored."""
+        return self._get(key, default, lambda v: v in allowed, f"one of {list(allowed)} (qdllm supports only these)")
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        ok = lambda v: type(v) is int or (isinstance(v, list) and all(type(i) is int for i in v))  # noqa: E731
+        value = self._get(key, (), ok, "a token id or a list of token ids")
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+    def dtype(self) -> torch.dtype | None:
+        name = self.raw.get("torch_dtype", self.raw.get("dtype"))
+        return _DTYPES.get(name) if isinstance(name, str) else None
+
+    def check_divides(self, part: str, whole: str) -> None:
+        if self.raw[whole] % self.raw[part]:
+            raise CheckpointError(f"{self.path}: field '{whole}' ({self.raw[whole]}) must be a multiple of '{part}' ({self.raw[part]})")

@@ -1,0 +1,108 @@
+"""Load a Hugging Face dLLM checkpoint directory into the native model, refusing bad input in one line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import models
+from .config import Fields, ModelConfig
+from .errors import CheckpointError
+from .model import DiffusionLM
+
+BACKENDS = ("auto", "torch", "triton")
+INDEX = "model.safetensors.index.json"
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Parse a checkpoint directory's config.json."""
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (expected a Hugging Face checkpoint directory with config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    family = models.by_model_type(raw.get("model_type"))
+    if family is None:
+        known = sorted(f.MODEL_TYPE for f in models.FAMILIES.values())
+        raise CheckpointError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected one of {known})")
+    return family.parse_config(Fields(raw, str(file)))
+
+
+def shard_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it (single file or sharded index)."""
+    index = path / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: unreadable (expected JSON with a 'weight_map' object)") from None
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights (and no {INDEX})")
+    names: dict[str, Path] = {}
+    for file in files:
+        for name in _open(file).keys():
+            names[name] = file
+    return names
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (named by {INDEX})") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtype: torch.dtype,
+               device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Read the native tensors named in `shapes` from the checkpoint, checking presence, shape and kind."""
+    family = models.FAMILIES[cfg.family]
+    where = shard_files(path)
+    by_file: dict[Path, list[str]] = {}
+    for native in shapes:
+        ckpt = models.checkpoint_name(family, native)
+        if ckpt not in where:
+            raise CheckpointError(f"{path}: missing tensor '{ckpt}'")
+        by_file.setdefault(where[ckpt], []).append(native)
+    state = {}
+    for file, natives in by_file.items():
+        handle = _open(file)
+        for native in natives:
+            ckpt = models.checkpoint_name(family, native)
+            t = handle.get_tensor(ckpt)
+            if t.shape != shapes[native]:
+                raise CheckpointError(f"{file}: tensor '{ckpt}' has shape {list(t.shape)}, expected {list(shapes[native])}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{file}: tensor '{ckpt}' has dtype {t.dtype}, expected a floating-point dtype")
+            state[native] = t.to(device=device, dtype=dtype)
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               backend: str = "auto") -> DiffusionLM:
+    """Build the native model for an HF checkpoint directory; `model(input_ids)` returns logits [B, L, V]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+    if (path / "qdllm.json").exists():
+        raise CheckpointError(f"{path / 'qdllm.json'}: packed qdllm artifacts cannot be loaded by this version (dense HF checkpoints only)")
+    cfg = read_config(path)
+    dtype = dtype or cfg.torch_dtype or torch.float32
+    with torch.device("meta"):
+        model = DiffusionLM(cfg)
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    state = load_state(path, cfg, shapes, dtype, device)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)

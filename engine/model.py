@@ -1,0 +1,117 @@
+"""The shared decoder of LLaDA and Dream, in plain torch.
+
+Every linear is an attribute holding a module with nn.Linear's call signature, so the quantizer can
+swap dense, fake-quantized and packed layers without touching this file.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and scale in the activation dtype, as both reference models do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, L, 1, head_dim] in fp32 for explicit positions, so a cache can feed any window."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> Tensor:
+    """Rotate-half RoPE on [B, L, H, D]; LLaDA rotates in fp32, Dream in the activation dtype."""
+    xr = x.float() if fp32 else x
+    cos, sin = cos.to(xr.dtype), sin.to(xr.dtype)
+    x1, x2 = xr.chunk(2, dim=-1)
+    return (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.mlp_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=cfg.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                cache: KVCache | None, layer: int, positions: Tensor) -> Tensor:
+        cfg, (B, L, _) = self.cfg, x.shape
+        h = self.attn_norm(x)
+        q = apply_rope(self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
+        k = apply_rope(self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
+        v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, positions)
+        att = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
+            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DiffusionLM(nn.Module):
+    """Bidirectional decoder that returns logits only where they are asked for."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, key_mask: Tensor | None = None,
+                cache: KVCache | None = None, logits_at: Tensor | None = None) -> Tensor:
+        """Logits [B, n, V] for the fed tokens `input_ids` [B, L].
+
+        positions: [B, L] RoPE positions, which are also the cache slots (default 0..L-1).
+        key_mask:  [B, S] bool, True for keys that take part; S = L, or cache.length with a cache.
+        cache:     the fed tokens' K/V are written at their positions and attention reads all slots.
+        logits_at: [B, n] indices into the L fed tokens (default: all). The logits at index j always
+                   predict token j; for Dream they are read from hidden state j-1 (j=0 reads itself),
+                   so a window that does not start at position 0 must include the token before it.
+        """
+        cfg, (B, L) = self.config, input_ids.shape
+        if positions is None:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        x = self.embed(input_ids)
+        if cfg.emb_scale != 1.0:
+            x = x * cfg.emb_scale
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, positions)
+        if cfg.shift_logits:
+            idx = torch.arange(L, device=x.device).expand(B, L) if logits_at is None else logits_at
+            logits_at = (idx - 1).clamp(min=0)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if cfg.tie_embeddings else self.lm_head(x)
+        return logits * cfg.logit_scale if cfg.logit_scale != 1.0 else logits

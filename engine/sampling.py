@@ -1,0 +1,87 @@
+"""Per-request generation settings, validated once so every later stage can trust them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REMASKING = ("low_confidence", "random", "entropy", "margin", "origin")
+# Dream's `alg` names for the same policies (Dream's `entropy` and `origin` keep their names).
+REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
+CACHES = ("none", "prefix", "dual")
+SCHEDULES = ("linear", "timestep")
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _is_num(v: object) -> bool:
+    return type(v) in (int, float)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is denoised.
+
+    max_tokens:   tokens to generate; the canvas is this rounded up to whole blocks.
+    steps:        denoising steps over the whole canvas, split evenly across blocks
+                  (default: one token per step). With `threshold` it is ignored: each block runs until done.
+    block_length: semi-autoregressive block size; one longer than max_tokens shrinks to it (one global
+                  block, as Dream decodes).
+    temperature:  0 is greedy; above 0, Gumbel-max sampling in float64.
+    top_p:        nucleus filter applied before sampling and to the confidence distribution.
+    remasking:    which masked tokens to commit first: low_confidence (probability of the chosen token),
+                  margin (top-1 minus top-2), entropy (negative entropy), random (uniform), or origin
+                  (Dream: each masked token is committed independently with the step's ratio).
+                  Dream's names maskgit_plus and topk_margin are accepted.
+    threshold:    Fast-dLLM parallel decoding: commit every token whose confidence reaches it, and always
+                  the most confident one.
+    cfg_scale:    classifier-free guidance; the unconditional pass masks the prompt (costs 2 nfe a step).
+    cache:        none (full forward every step), prefix or dual (Fast-dLLM's caches, refreshed per block).
+    seed:         seeds this request's own generator, so results do not depend on other requests.
+    stop:         strings that end the text; the stop string itself is not returned.
+    ignore_eos:   decode the whole canvas and return it, EOS tokens included.
+    alg_temp:     Dream: above 0, positions are sampled from softmax(confidence / alg_temp) instead of top-k.
+    schedule:     linear (LLaDA: even split per block) or timestep (Dream: 1 - s/t of the remaining masks);
+                  default: the model family's own.
+    """
+
+    max_tokens: int = 128
+    steps: int | None = None
+    block_length: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cfg_scale: float = 0.0
+    cache: str = "none"
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    alg_temp: float = 0.0
+    schedule: str | None = None
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        check("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1")
+        check("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "null or an integer >= 1")
+        check("block_length", _is_int(self.block_length) and self.block_length >= 1, "an integer >= 1")
+        check("temperature", _is_num(self.temperature) and self.temperature >= 0, "a number >= 0")
+        check("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
+        object.__setattr__(self, "remasking", REMASKING_ALIASES.get(self.remasking, self.remasking))
+        check("remasking", self.remasking in REMASKING, f"one of {list(REMASKING) + list(REMASKING_ALIASES)}")
+        check("threshold", self.threshold is None or (_is_num(self.threshold) and 0 < self.threshold <= 1),
+              "null or a number in (0, 1]")
+        check("cfg_scale", _is_num(self.cfg_scale) and self.cfg_scale >= 0, "a number >= 0")
+        check("cache", self.cache in CACHES, f"one of {list(CACHES)}")
+        check("seed", self.seed is None or _is_int(self.seed), "null or an integer")
+        if isinstance(self.stop, str) or self.stop is None:
+            object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
+        check("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+              "a non-empty string or a list of them")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        check("ignore_eos", type(self.ignore_eos) is bool, "true or false")
+        check("alg_temp", _is_num(self.alg_temp) and self.alg_temp >= 0, "a number >= 0")
+        check("schedule", self.schedule is None or self.schedule in SCHEDULES, f"null or one of {list(SCHEDULES)}")

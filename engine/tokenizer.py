@@ -1,0 +1,73 @@
+"""Tokenizers through transformers' AutoTokenizer, without ever running code shipped in a checkpoint."""
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
+from transformers.utils import logging as hf_logging
+
+from .errors import CheckpointError
+
+# End-of-turn tokens that end an answer as EOS does (LLaDA-Instruct: <|eot_id|>; Dream/Qwen chat: <|im_end|>).
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer with trust_remote_code=False. A checkpoint whose tokenizer_config names its own code
+    (Dream's `auto_map`) gets the stock class that code wraps: a fast tokenizer from tokenizer.json, or a
+    Qwen2 BPE from vocab.json and merges.txt."""
+    path = Path(path)
+    with _quiet():
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        except Exception as e:  # transformers raises many types; the user needs one line
+            first_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if _names_own_code(path):
+            stock = PreTrainedTokenizerFast if (path / "tokenizer.json").exists() else Qwen2Tokenizer
+            try:
+                return stock.from_pretrained(str(path), local_files_only=True)
+            except Exception:
+                pass
+    raise CheckpointError(f"{path}: tokenizer does not load ({first_error})")
+
+
+@contextmanager
+def _quiet():
+    """AutoTokenizer reads config.json too and warns that `llada`/`Dream` are unknown to transformers."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _names_own_code(path: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase, config_eos: tuple[int, ...]) -> frozenset[int]:
+    """Every token id that ends an answer: the config's EOS ids, the tokenizer's EOS, and end-of-turn tokens."""
+    ids = set(config_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return frozenset(ids)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids for a conversation: the tokenizer's chat template when it has one, else `role: content` lines."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text)["input_ids"]

@@ -1,0 +1,1 @@
+"""qdllm.kernels: bit packing, the Triton BCQ kernels and their torch reference. Imports no other qdllm folder."""

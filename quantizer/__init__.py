@@ -1,0 +1,1 @@
+"""qdllm.quantizer: Quant-dLLM (MCS + DAQ + ABMP), the baselines, and `qdllm-convert`."""

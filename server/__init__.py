@@ -1,0 +1,1 @@
+"""qdllm.server: the OpenAI-compatible HTTP server and `qdllm-serve`."""

@@ -1,0 +1,99 @@
+"""Native LLaDA and Dream against an independent float64 forward, plus the cache and subset paths."""
+import pytest
+import torch
+from reference import reference_logits
+from tiny import MASK, write_checkpoint
+
+from qdllm.engine import KVCache, load_model
+
+
+def random_ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 120, (B, L), generator=torch.Generator().manual_seed(seed))
+    ids[:, L // 2:: 3] = MASK
+    return ids
+
+
+def test_fp32_logits_match_float64_reference(model_dir):
+    ids = random_ids(2, 37)
+    logits = load_model(model_dir)(ids)
+    assert logits.shape == (2, 37, 128) and logits.dtype == torch.float32
+    ref = reference_logits(model_dir, ids)
+    assert (logits.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_half_precision_checkpoints(tmp_path, family, dtype, tol):
+    path = write_checkpoint(tmp_path, family, dtype=dtype, tokenizer=False)
+    model = load_model(path)
+    assert model.embed.weight.dtype == dtype  # the checkpoint's torch_dtype is the default
+    ids = random_ids(1, 20)
+    ref = reference_logits(path, ids)
+    assert (model(ids).double() - ref).abs().max() < tol * ref.abs().max()
+    assert load_model(path, dtype=torch.float32)(ids).dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_sharded_checkpoint_with_index_equals_single_file(tmp_path, family):
+    one = write_checkpoint(tmp_path / "one", family, tokenizer=False)
+    three = write_checkpoint(tmp_path / "three", family, shards=3, tokenizer=False)
+    assert len(list(three.glob("*.safetensors"))) == 3 and (three / "model.safetensors.index.json").exists()
+    ids = random_ids(1, 16)
+    torch.testing.assert_close(load_model(one)(ids), load_model(three)(ids), rtol=0, atol=0)
+
+
+def test_tied_embeddings_need_no_lm_head(tmp_path):
+    path = write_checkpoint(tmp_path, "llada", weight_tying=True, tokenizer=False)
+    ids = random_ids(1, 12)
+    ref = reference_logits(path, ids)
+    assert (load_model(path)(ids).double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_logits_for_a_subset_of_positions(model_dir):
+    model, ids = load_model(model_dir), random_ids(2, 24)
+    full = model(ids)
+    at = torch.tensor([[0, 5, 23], [3, 4, 10]])
+    torch.testing.assert_close(model(ids, logits_at=at), full.gather(1, at[..., None].expand(-1, -1, 128)))
+
+
+def test_key_padding_mask_isolates_padding(model_dir):
+    """A right-padded row gives the logits it gives alone."""
+    model, ids = load_model(model_dir), random_ids(2, 20)
+    short = ids[1, :13]
+    key_mask = torch.ones(2, 20, dtype=torch.bool)
+    key_mask[1, 13:] = False
+    batched = model(ids, key_mask=key_mask)
+    torch.testing.assert_close(batched[1, :13], model(short[None])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[0], model(ids[:1])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", ["prefix", "dual"])
+def test_cache_windows_reproduce_the_full_forward(model_dir, window):
+    """After a refresh, feeding only the block (dual) or block + suffix (prefix) attends to the
+    cached K/V and gives the full forward's logits for an unchanged canvas."""
+    model, ids = load_model(model_dir), random_ids(1, 32)
+    full = model(ids)
+    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
+    torch.testing.assert_close(model(ids, cache=cache), full)
+    start, end = 16, 24
+    lo = start - 1  # one token before the block: Dream reads the block's first logits from it
+    hi = end if window == "dual" else 32
+    pos = torch.arange(lo, hi)[None]
+    out = model(ids[:, lo:hi], positions=pos, cache=cache, logits_at=torch.arange(1, 1 + end - start)[None])
+    torch.testing.assert_close(out, full[:, start:end], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_window_writes_new_block_kv_and_keeps_the_rest(llada_dir):
+    """A window forward replaces its own slots and leaves the others as the refresh wrote them."""
+    model, ids = load_model(llada_dir), random_ids(1, 32)
+    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
+    model(ids, cache=cache)
+    outside = torch.cat([cache.k[:, :, :16], cache.k[:, :, 24:]], 2).clone()
+    changed = ids.clone()
+    changed[0, 18] = 7
+    model(changed[:, 16:24], positions=torch.arange(16, 24)[None], cache=cache)
+    torch.testing.assert_close(torch.cat([cache.k[:, :, :16], cache.k[:, :, 24:]], 2), outside, rtol=0, atol=0)
+    fresh = KVCache(model.config, 1, 32, "cpu", torch.float32)
+    model(changed, cache=fresh)  # layer 0's K depends on the tokens alone
+    torch.testing.assert_close(cache.k[0, :, 16:24], fresh.k[0, :, 16:24])
+    assert not torch.allclose(cache.k[0, :, 18], outside[0, :, 2])

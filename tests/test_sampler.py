@@ -1,0 +1,200 @@
+"""The block denoiser: parity with the reference algorithms, the commit schedule and the policies."""
+import pytest
+import torch
+from reference import dream_generate, llada_generate
+from tiny import MASK
+
+from qdllm.engine import LLM, SamplingParams, denoise, load_model
+from qdllm.engine.schedule import commit_count, split_steps
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.fixture(scope="module")
+def llada(llada_dir):
+    return LLM(llada_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dream(dream_dir):
+    return LLM(dream_dir, device="cpu")
+
+
+@pytest.mark.parametrize("steps,gen,block,cfg", [(16, 16, 4, 0.0), (8, 16, 8, 0.0), (16, 16, 16, 0.0),
+                                                 (6, 24, 8, 0.0), (16, 16, 4, 1.5)])
+def test_llada_matches_reference_generate(llada, steps, gen, block, cfg):
+    ref = llada_generate(llada.model, PROMPT, steps, gen, block, cfg, MASK)
+    out = llada.generate(PROMPT, SamplingParams(max_tokens=gen, steps=steps, block_length=block,
+                                                cfg_scale=cfg, ignore_eos=True))[0]
+    assert out.token_ids == ref
+    assert out.nfe == steps * (2 if cfg else 1)
+
+
+@pytest.mark.parametrize("alg,remasking", [("maskgit_plus", "low_confidence"), ("entropy", "entropy"),
+                                           ("topk_margin", "margin")])
+@pytest.mark.parametrize("steps,gen", [(16, 16), (5, 20)])
+def test_dream_matches_reference_diffusion_generate(dream, alg, remasking, steps, gen):
+    ref = dream_generate(dream.model, PROMPT, steps, gen, alg, MASK)
+    params = SamplingParams(max_tokens=gen, steps=steps, block_length=gen, remasking=alg, ignore_eos=True)
+    assert params.remasking == remasking
+    assert dream.generate(PROMPT, params)[0].token_ids == ref
+
+
+def test_linear_schedule_counts():
+    assert [commit_count("linear", i, 4, 10, 10) for i in range(3)] == [3, 3, 2]
+    assert split_steps(10, 4) == [3, 3, 2, 2] and split_steps(8, 4) == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="steps"):
+        split_steps(3, 4)
+
+
+def test_timestep_schedule_counts():
+    # Dream: int(n * (1 - s/t)) with t = linspace(1, 1e-3, steps + 1); the last step takes the rest
+    # t = [1, .75025, .5005, .25075, .001]: 16 * .24975 = 3.996 -> 3; 13 * (1 - .5005/.75025) = 4.33 -> 4
+    assert commit_count("timestep", 0, 4, 16, 16) == 3
+    assert commit_count("timestep", 1, 4, 16, 13) == 4
+    assert commit_count("timestep", 3, 4, 16, 3) == 3
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the canvas it is fed at each call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.embed, self.fed = model, model.config, model.embed, []
+
+    def forward(self, ids, **kw):
+        self.fed.append(ids[0].clone())
+        return self.model(ids, **kw)
+
+
+def commits(fed: list[torch.Tensor], final: list[int], prompt_len: int) -> list[list[int]]:
+    """Positions (relative to the canvas) committed at each step, from consecutive canvases."""
+    states = [(f[prompt_len:] != MASK) for f in fed] + [torch.tensor(final) != MASK]
+    return [(b & ~a).nonzero()[:, 0].tolist() for a, b in zip(states, states[1:])]
+
+
+def test_token_schedule_blocks_left_to_right(llada_dir):
+    rec = Recorder(load_model(llada_dir))
+    out = denoise(rec, PROMPT, SamplingParams(max_tokens=24, steps=12, block_length=8, ignore_eos=True), frozenset())
+    steps = commits(rec.fed, out.canvas, len(PROMPT))
+    assert [len(s) for s in steps] == [2, 2, 2, 2] * 3  # 8 masks over 4 steps per block
+    for i, s in enumerate(steps):  # every commit lies in the current block, blocks in order
+        assert all(i // 4 * 8 <= p < (i // 4 + 1) * 8 for p in s)
+    assert out.nfe == 12 and MASK not in out.canvas[:0]
+
+
+def test_uneven_steps_give_earlier_steps_the_extra_token(llada_dir):
+    rec = Recorder(load_model(llada_dir))
+    denoise(rec, PROMPT, SamplingParams(max_tokens=8, steps=3, block_length=8, ignore_eos=True), frozenset())
+    assert [len(s) for s in commits(rec.fed[:-1], rec.fed[-1][len(PROMPT):].tolist(), len(PROMPT))] == [3, 3]
+
+
+def test_threshold_commits_at_least_one_token_per_step(llada_dir):
+    rec = Recorder(load_model(llada_dir))
+    out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, block_length=8, threshold=1.0, ignore_eos=True),
+                  frozenset())
+    assert [len(s) for s in commits(rec.fed, out.canvas, len(PROMPT))] == [1] * 16  # nothing reaches 1.0
+    assert out.nfe == 16
+
+
+def test_threshold_commits_every_confident_token(llada_dir):
+    model = load_model(llada_dir)
+    out = denoise(model, PROMPT, SamplingParams(max_tokens=16, block_length=8, threshold=1e-9, ignore_eos=True),
+                  frozenset())
+    assert out.nfe == 2 and MASK not in out.canvas  # one step per block
+
+
+def test_threshold_selects_exactly_those_above(llada_dir):
+    """Compare one threshold step with the confidences computed directly."""
+    model = load_model(llada_dir)
+    ids = torch.tensor(PROMPT + [MASK] * 8)
+    p = torch.softmax(model(ids[None])[0, len(PROMPT):].double(), -1).max(-1).values
+    threshold = float(p.sort(descending=True).values[2])  # exactly three reach it
+    rec = Recorder(model)
+    out = denoise(rec, PROMPT, SamplingParams(max_tokens=8, threshold=threshold, ignore_eos=True), frozenset())
+    first = commits(rec.fed, out.canvas, len(PROMPT))[0]
+    assert sorted(first) == sorted(p.topk(3).indices.tolist())
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "entropy", "margin", "origin"])
+def test_every_policy_fills_the_canvas(llada, remasking):
+    params = SamplingParams(max_tokens=16, steps=8, block_length=8, remasking=remasking, temperature=0.7,
+                            top_p=0.9, seed=3, ignore_eos=True)
+    out = llada.generate(PROMPT, params)[0]
+    assert len(out.token_ids) == 16 and MASK not in out.token_ids or remasking == "origin"
+    assert llada.generate(PROMPT, params)[0].token_ids == out.token_ids  # same seed, same tokens
+
+
+def test_seeds_change_sampled_output(llada):
+    a, b = (llada.generate(PROMPT, SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True))[0]
+            for s in (1, 2))
+    assert a.token_ids != b.token_ids
+
+
+def test_alg_temp_samples_positions(dream):
+    params = SamplingParams(max_tokens=16, steps=8, block_length=16, alg_temp=0.5, seed=0, ignore_eos=True)
+    out = dream.generate(PROMPT, params)[0]
+    assert MASK not in out.token_ids and out.nfe == 8
+
+
+@pytest.mark.parametrize("cache,window", [("prefix", 16), ("dual", 8)])
+def test_caches_feed_their_windows(llada_dir, cache, window):
+    """Each block starts with a full refresh; later steps feed block + suffix (prefix) or the block (dual).
+    The refresh is the full forward, so the first step commits what the uncached run commits."""
+    model, P = load_model(llada_dir), len(PROMPT)
+    fed = {}
+    for c in ("none", cache):
+        rec = Recorder(model)
+        out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, steps=8, block_length=8, cache=c, ignore_eos=True),
+                      frozenset())
+        assert out.nfe == 8 and MASK not in out.canvas
+        fed[c] = rec.fed
+    assert [len(f) for f in fed[cache]] == [P + 16] + [window] * 3 + [P + 16] + [8] * 3
+    assert fed[cache][1][:8].tolist() == fed["none"][1][P: P + 8].tolist()
+
+
+def test_eos_in_a_finished_block_stops_generation(llada_dir):
+    model = load_model(llada_dir)
+    every = frozenset(range(128))  # any token ends the answer: the first block must be the last
+    out = denoise(model, PROMPT, SamplingParams(max_tokens=32, steps=32, block_length=8), every)
+    assert len(out.canvas) == 8 and out.nfe == 8
+
+
+def test_output_is_cut_at_eos_and_max_tokens(llada):
+    params = SamplingParams(max_tokens=5, ignore_eos=False)
+    tokens, text, reason = llada._finish([3, 4, 125, 6, 7, 8], params)
+    assert (tokens, text, reason) == ([3, 4], "w3 w4", "stop")
+    tokens, text, reason = llada._finish([3, 4, 5, 6, 7, 125], params)
+    assert (tokens, reason) == ([3, 4, 5, 6, 7], "length")
+    assert llada._finish([3, 125, 5], SamplingParams(max_tokens=3, ignore_eos=True))[0] == [3, 125, 5]
+
+
+def test_stop_strings_end_the_text(llada):
+    full = llada.generate(PROMPT, SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    stop = llada.tokenizer.decode(full.token_ids[5:7])
+    out = llada.generate(PROMPT, SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and stop not in out.text
+    assert full.text.startswith(out.text) and out.text == full.text[: full.text.find(stop)]
+
+
+def test_chat_uses_the_template(llada):
+    conv = [{"role": "user", "content": "w3 w4"}]
+    out = llada.chat(conv, SamplingParams(max_tokens=8))[0]
+    assert out.prompt_token_ids[:1] == [121] and out.prompt_token_ids[-3:] == [121, 123, 120]  # header, unk, end
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("steps", 0), ("temperature", -1), ("top_p", 0),
+                                         ("remasking", "best"), ("threshold", 1.5), ("cache", "paged"),
+                                         ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True)])
+def test_bad_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_bad_prompts(llada):
+    with pytest.raises(ValueError, match="token ids"):
+        llada.generate([[5, 999]])
+    with pytest.raises(ValueError, match="at least one token"):
+        llada.generate([[]])
+    with pytest.raises(ValueError, match="context"):
+        llada.generate(PROMPT, SamplingParams(max_tokens=1000))

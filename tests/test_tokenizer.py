@@ -1,0 +1,50 @@
+"""Tokenizers load through AutoTokenizer, and never through code shipped in a checkpoint."""
+import json
+import shutil
+
+import pytest
+from tiny import write_checkpoint
+
+from qdllm.engine import LLM, CheckpointError, SamplingParams, load_tokenizer
+from qdllm.engine.tokenizer import chat_prompt, end_token_ids
+
+
+def test_autotokenizer_round_trip(llada_dir):
+    tok = load_tokenizer(llada_dir)
+    assert tok("w1 w2 w3")["input_ids"] == [1, 2, 3]
+    assert tok.decode([1, 2, 125, 126], skip_special_tokens=True) == "w1 w2"
+    assert end_token_ids(tok, (125,)) == {125, 122}  # EOS and <|eot_id|>
+
+
+def test_tokenizer_config_naming_its_own_code_gets_the_stock_class(tmp_path, dream_dir):
+    """Dream's tokenizer_config points at tokenization_dream.py; qdllm never runs it."""
+    path = shutil.copytree(dream_dir, tmp_path / "dream")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "tokenization_dream.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    tok = load_tokenizer(path)
+    assert tok("w1 w2")["input_ids"] == [1, 2] and tok.chat_template
+
+
+def test_chat_without_template_uses_role_lines(tmp_path):
+    path = write_checkpoint(tmp_path, "llada")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(path)
+    assert not tok.chat_template
+    assert chat_prompt(tok, [{"role": "user", "content": "w3"}]) == tok("user: w3\nassistant:")["input_ids"]
+
+
+def test_llm_generate_accepts_strings(llada_dir):
+    llm = LLM(llada_dir, device="cpu")
+    out = llm.generate(["w3 w4", "w5"], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.prompt_token_ids for o in out] == [[3, 4], [5]] and all(len(o.token_ids) == 8 for o in out)
+
+
+def test_missing_tokenizer_is_one_line(tmp_path):
+    path = write_checkpoint(tmp_path, "llada", tokenizer=False)
+    with pytest.raises(CheckpointError, match="tokenizer does not load"):
+        load_tokenizer(path)
