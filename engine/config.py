@@ -87,4 +87,5 @@ class Fields:
 
     def check_divides(self, part: str, whole: str) -> None:
         if self.raw[whole] % self.raw[part]:
-            raise CheckpointError(f"{self.path}: field '{whole}' ({self.raw[whole]}) must be a multiple of '{part}' ({self.raw[part]})")
+            raise CheckpointError(f"{self.path}: field '{whole}' ({self.raw[whole]}) must be a multiple "
+                                  f"of '{part}' ({self.raw[part]})")

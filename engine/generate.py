@@ -82,7 +82,8 @@ def denoise(model: DiffusionLM, prompt: list[int], params: SamplingParams, eos_i
     block, n_blocks = block_layout(params)
     length = block * n_blocks
     if P + length > cfg.max_seq_len:
-        raise ValueError(f"prompt ({P} tokens) plus canvas ({length}) exceeds the model's context of {cfg.max_seq_len}")
+        raise ValueError(f"prompt ({P} tokens) plus canvas ({length}) exceeds the model's context "
+                         f"of {cfg.max_seq_len} tokens")
     x = torch.full((P + length,), mask, dtype=torch.long, device=device)
     x[:P] = torch.tensor(prompt, dtype=torch.long, device=device)
     gen = torch.Generator(device)
@@ -92,26 +93,29 @@ def denoise(model: DiffusionLM, prompt: list[int], params: SamplingParams, eos_i
 
     for b, steps in enumerate(split_steps(params.steps or length, n_blocks)):
         start, end = P + b * block, P + (b + 1) * block
-        n_start = int((x[start:end] == mask).sum())
-        step, refresh = 0, True
-        while True:
+        n_start, refresh = int((x[start:end] == mask).sum()), True
+        # A committed token can itself be the mask id (neither reference forbids it), so a block ends
+        # when no masks remain or its step budget is spent; with a threshold, one step per position.
+        for step in range(steps if params.threshold is None else block):
             masked = (x[start:end] == mask).nonzero()[:, 0]
-            if masked.numel() == 0 or (params.threshold is None and step == steps):
+            if masked.numel() == 0:
                 break
-            count = 0 if params.threshold is not None else commit_count(schedule, step, steps, n_start, masked.numel())
-            if params.threshold is None and params.remasking != "origin" and count == 0:
-                step += 1  # nothing to commit: the forward would change nothing
-                continue
-            logits = forward(start, end, refresh)[masked]
-            x0, conf = propose(logits, params.temperature, params.top_p, params.remasking, gen)
+            count = 0
+            if params.threshold is None:
+                count = commit_count(schedule, step, steps, n_start, masked.numel())
+                if count == 0 and params.remasking != "origin":
+                    continue  # nothing to commit: a forward would change nothing
+            x0, conf = propose(forward(start, end, refresh)[masked], params.temperature, params.top_p,
+                               params.remasking, gen)
+            refresh = False
             if params.remasking == "origin" and params.threshold is None:
                 p = commit_probability(schedule, step, steps, n_start, masked.numel())
                 chosen = (torch.rand(masked.shape, device=device, generator=gen) < p).nonzero()[:, 0]
             else:
                 chosen = select(conf, count, params.threshold, params.alg_temp, gen)
             x[start + masked[chosen]] = x0[chosen]
-            step, refresh = step + 1, False
         generated = x[P:end].tolist()
-        if (not params.ignore_eos and eos_ids.intersection(generated[-block:])) or (should_stop and should_stop(generated)):
+        ended = not params.ignore_eos and eos_ids.intersection(generated[-block:])
+        if ended or (should_stop is not None and should_stop(generated)):
             return Generation(generated, forward.nfe)
     return Generation(x[P:].tolist(), forward.nfe)

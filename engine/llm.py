@@ -37,16 +37,14 @@ class LLM:
         """One output per prompt; a prompt is a string or a list of token ids."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(type(t) is int for t in prompts)):
             prompts = [prompts]
-        ids = [self._encode(p) for p in prompts]
-        return [self._run(p, s) for p, s in zip(ids, self._per_prompt(params, len(ids)))]
+        return self._run_all([self._encode(p) for p in prompts], params)
 
     def chat(self, conversations: list[dict[str, str]] | Sequence[list[dict[str, str]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Like generate, for conversations of {"role", "content"} messages, through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        ids = [chat_prompt(self.tokenizer, c) for c in conversations]
-        return [self._run(p, s) for p, s in zip(ids, self._per_prompt(params, len(ids)))]
+        return self._run_all([chat_prompt(self.tokenizer, c) for c in conversations], params)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -56,13 +54,13 @@ class LLM:
             raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
         return prompt
 
-    @staticmethod
-    def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    def _run_all(self, prompts: list[list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
-            return [params or SamplingParams()] * n
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
-        return list(params)
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        return [self._run(p, s) for p, s in zip(prompts, params)]
 
     def _run(self, prompt: list[int], params: SamplingParams) -> RequestOutput:
         if not prompt:

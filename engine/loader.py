@@ -22,7 +22,7 @@ def read_config(path: str | Path) -> ModelConfig:
     try:
         raw = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found (expected a Hugging Face checkpoint directory with config.json)") from None
+        raise CheckpointError(f"{file}: not found (expected a Hugging Face checkpoint directory)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -81,7 +81,8 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
             ckpt = models.checkpoint_name(family, native)
             t = handle.get_tensor(ckpt)
             if t.shape != shapes[native]:
-                raise CheckpointError(f"{file}: tensor '{ckpt}' has shape {list(t.shape)}, expected {list(shapes[native])}")
+                raise CheckpointError(
+                    f"{file}: tensor '{ckpt}' has shape {list(t.shape)}, expected {list(shapes[native])}")
             if not t.is_floating_point():
                 raise CheckpointError(f"{file}: tensor '{ckpt}' has dtype {t.dtype}, expected a floating-point dtype")
             state[native] = t.to(device=device, dtype=dtype)
@@ -97,7 +98,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     if (path / "qdllm.json").exists():
-        raise CheckpointError(f"{path / 'qdllm.json'}: packed qdllm artifacts cannot be loaded by this version (dense HF checkpoints only)")
+        raise CheckpointError(f"{path / 'qdllm.json'}: packed qdllm artifacts cannot be loaded by this version "
+                              "(dense HF checkpoints only)")
     cfg = read_config(path)
     dtype = dtype or cfg.torch_dtype or torch.float32
     with torch.device("meta"):

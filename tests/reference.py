@@ -29,7 +29,8 @@ def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
             n1="attn_norm", q="q_proj", k="k_proj", v="v_proj", o="attn_out", n2="ff_norm",
             g="ff_proj", u="up_proj", dn="ff_out").items()}
     else:
-        d, H, layers, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["rms_norm_eps"]
+        d, H, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["rms_norm_eps"]
+        layers = cfg["num_hidden_layers"]
         Hkv, theta = cfg["num_key_value_heads"], cfg["rope_theta"]
         emb, final, head = w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"]
         names = lambda i: {k: f"model.layers.{i}.{v}" for k, v in dict(  # noqa: E731

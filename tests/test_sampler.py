@@ -153,6 +153,24 @@ def test_caches_feed_their_windows(llada_dir, cache, window):
     assert fed[cache][1][:8].tolist() == fed["none"][1][P: P + 8].tolist()
 
 
+class MaskPredictor(Recorder):
+    """Always predicts the mask id, which the references may commit as a token."""
+
+    def forward(self, ids, **kw):
+        logits = super().forward(ids, **kw)
+        logits[..., MASK] += 1000
+        return logits
+
+
+@pytest.mark.parametrize("threshold,nfe", [(None, 8), (0.5, 16)])
+def test_committing_the_mask_id_still_ends_each_block(llada_dir, threshold, nfe):
+    """As in the references: the linear schedule spends its steps; threshold decoding one step a position."""
+    rec = MaskPredictor(load_model(llada_dir))
+    out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, steps=8, block_length=8, threshold=threshold),
+                  frozenset())
+    assert out.nfe == nfe and out.canvas == [MASK] * 16
+
+
 def test_eos_in_a_finished_block_stops_generation(llada_dir):
     model = load_model(llada_dir)
     every = frozenset(range(128))  # any token ends the answer: the first block must be the last

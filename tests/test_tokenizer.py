@@ -20,7 +20,8 @@ def test_tokenizer_config_naming_its_own_code_gets_the_stock_class(tmp_path, dre
     """Dream's tokenizer_config points at tokenization_dream.py; qdllm never runs it."""
     path = shutil.copytree(dream_dir, tmp_path / "dream")
     cfg = json.loads((path / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    cfg["tokenizer_class"] = "DreamTokenizer"
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     (path / "tokenization_dream.py").write_text("raise SystemExit('checkpoint code ran')\n")
     tok = load_tokenizer(path)
