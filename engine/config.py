@@ -23,7 +23,6 @@ class ModelConfig:
     norm_eps: float
     mask_token_id: int
     eos_token_ids: tuple[int, ...]
-    pad_token_id: int | None
     max_seq_len: int
     qkv_bias: bool = False  # bias on q/k/v (Dream, LLaDA include_qkv_bias)
     bias: bool = False  # bias on every linear (LLaDA include_bias)

@@ -36,7 +36,6 @@ def parse_config(f: Fields) -> ModelConfig:
         norm_eps=f.float("rms_norm_eps", 1e-6),
         mask_token_id=f.int("mask_token_id", 151666),
         eos_token_ids=f.token_ids("eos_token_id"),
-        pad_token_id=f.int("pad_token_id", None),
         max_seq_len=f.int("max_position_embeddings", 32768, minimum=1),
         qkv_bias=True,
         tie_embeddings=f.bool("tie_word_embeddings", False),

@@ -43,7 +43,6 @@ def parse_config(f: Fields) -> ModelConfig:
         norm_eps=f.float("rms_norm_eps", 1e-5),
         mask_token_id=f.int("mask_token_id"),
         eos_token_ids=f.token_ids("eos_token_id"),
-        pad_token_id=f.int("pad_token_id", None),
         max_seq_len=f.int("max_sequence_length", 4096, minimum=1),
         qkv_bias=f.bool("include_bias", False) or f.bool("include_qkv_bias", False),
         bias=f.bool("include_bias", False),
