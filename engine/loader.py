@@ -68,17 +68,16 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
     """Read the native tensors named in `shapes` from the checkpoint, checking presence, shape and kind."""
     family = models.FAMILIES[cfg.family]
     where = shard_files(path)
-    by_file: dict[Path, list[str]] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
     for native in shapes:
         ckpt = models.checkpoint_name(family, native)
         if ckpt not in where:
             raise CheckpointError(f"{path}: missing tensor '{ckpt}'")
-        by_file.setdefault(where[ckpt], []).append(native)
+        by_file.setdefault(where[ckpt], []).append((native, ckpt))
     state = {}
-    for file, natives in by_file.items():
+    for file, names in by_file.items():
         handle = _open(file)
-        for native in natives:
-            ckpt = models.checkpoint_name(family, native)
+        for native, ckpt in names:
             t = handle.get_tensor(ckpt)
             if t.shape != shapes[native]:
                 raise CheckpointError(
