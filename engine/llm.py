@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .generate import denoise
-from .loader import load_model
+from .loader import load_model, resolve_device
 from .sampling import SamplingParams
 from .tokenizer import chat_prompt, end_token_ids, load_tokenizer
 
@@ -27,8 +27,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, path: str | Path, device: str | torch.device | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(path, device=device, dtype=dtype, backend=backend)
+        self.model = load_model(path, device=resolve_device(device), dtype=dtype, backend=backend)
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = end_token_ids(self.tokenizer, self.model.config.eos_token_ids)
 

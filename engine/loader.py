@@ -16,6 +16,21 @@ BACKENDS = ("auto", "torch", "triton")
 INDEX = "model.safetensors.index.json"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: the one asked for, checked to exist, else CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return dev
+
+
 def read_config(path: str | Path) -> ModelConfig:
     """Parse a checkpoint directory's config.json."""
     file = Path(path) / "config.json"
@@ -90,15 +105,16 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                backend: str = "auto") -> DiffusionLM:
-    """Build the native model for an HF checkpoint directory; `model(input_ids)` returns logits [B, L, V]."""
+    """Build the native model for an HF checkpoint directory or a qdllm artifact; `model(input_ids)` returns
+    logits [B, L, V]. `backend` picks the kernels of packed linears (dense checkpoints have none)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     if (path / "qdllm.json").exists():
-        raise CheckpointError(f"{path / 'qdllm.json'}: packed qdllm artifacts cannot be loaded by this version "
-                              "(dense HF checkpoints only)")
+        from .artifact import load_artifact  # the artifact reader builds on this module
+        return load_artifact(path, device, dtype, backend)
     cfg = read_config(path)
     dtype = dtype or cfg.torch_dtype or torch.float32
     with torch.device("meta"):

@@ -1,3 +1,10 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels on the CPU interpreter; must precede any triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

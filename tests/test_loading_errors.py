@@ -113,9 +113,16 @@ def test_tokenizer_that_does_not_load(ckpt):
     assert "\n" not in str(err.value)
 
 
-def test_artifact_directories_are_refused_clearly(ckpt):
-    (ckpt / "qdllm.json").write_text("{}")
-    refused(ckpt, "qdllm.json")
+@pytest.mark.parametrize("manifest,message", [
+    ("{", "qdllm.json: unreadable (expected the JSON manifest of a qdllm artifact)"),
+    ("{}", "qdllm.json: unknown format_version None (this qdllm reads 1"),
+    ('{"format_version": 1}', "qdllm.json: field 'shards' must map shard file names to sha256 digests"),
+    ('{"format_version": 1, "shards": {"model-00001-of-00001.safetensors": "00"}}',
+     "model-00001-of-00001.safetensors: missing (listed in qdllm.json)"),
+])
+def test_bad_artifact_manifests(ckpt, manifest, message):
+    (ckpt / "qdllm.json").write_text(manifest)
+    refused(ckpt, message)
 
 
 def test_bad_backend(llada_dir):

@@ -1,0 +1,218 @@
+"""Kernels: the BCQ kernels against torch's bf16 matmul on dense weights, for LLaDA-8B and Dream-7B linears.
+
+    python benchmarks/kernels.py [--models llada,dream] [--ms 1,8,16,32,64,128,256,512,1024] [--repeats 5]
+
+Needs a CUDA GPU. Weights are random packed weights with ABMP's mix (5% of blocks order 1, 5% order 3,
+the rest order 2: exactly 2 planes on average) and bf16 activations. Each time is the median of
+triton.testing.do_bench, repeated; the record keeps min/median/max over the repeats. The ideal speedup is
+min(16/b_eff, max(1, R/M)) with R = measured bf16 FLOP/s over measured copy bandwidth (above R/M < 1
+a dense fallback still gives 1). GB/s counts the bytes a call must move: the packed weight (dense bf16
+for torch) plus x and y. The record ends with a suggested DispatchConfig for this GPU.
+Writes JSON and a PNG to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from common import environment
+
+SHAPES = {  # (N out, K in) of every distinct decoder linear
+    "llada": {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 4096),
+              "down 4096x12288": (4096, 12288)},
+    "dream": {"q/o 3584x3584": (3584, 3584), "k/v 512x3584": (512, 3584), "gate/up 18944x3584": (18944, 3584),
+              "down 3584x18944": (3584, 18944)},
+}
+GEMV_MAX_M = 64  # the GEMV launch is not timed above this
+KERNELS = ("gemv", "gemv_per_plane", "tile", "tile_per_plane")
+
+
+def random_weight(n: int, k: int, g: int, seed: int):
+    """Random planes and scales with ABMP's order mix, built on the GPU (packing cost is not measured)."""
+    from qdllm.kernels import BCQWeight
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    nb = k // g
+    r = min(math.floor(nb * 0.05), nb // 2)
+    orders = torch.full((nb,), 2, dtype=torch.int32, device="cuda")
+    perm = torch.randperm(nb, generator=gen, device="cuda")
+    orders[perm[:r]], orders[perm[r:2 * r]] = 1, 3
+    p = 2 * nb
+    return BCQWeight(
+        planes=torch.randint(-2**31, 2**31, (p, g // 32, n), dtype=torch.int32, device="cuda", generator=gen),
+        alpha_r=(torch.rand(p, n, device="cuda", generator=gen) * 0.02 + 0.005).half(),
+        alpha_c=(torch.rand(p, g, device="cuda", generator=gen) + 0.5).half(),
+        plane_ptr=torch.cat([orders.new_zeros(1), orders.cumsum(0, dtype=torch.int32)]),
+        in_features=k, block_size=g)
+
+
+def timed(fn, repeats: int) -> dict:
+    """ms: min/median/max over `repeats` do_bench medians; the first call (autotuning) is not timed."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    times = [do_bench(fn, return_mode="median") for _ in range(repeats)]
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def measure(w, dense_t: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
+    """One (shape, M) point: every path's time, speedup over torch, GB/s, and the tile each autotuned to."""
+    from qdllm.kernels import bcq, bcq_linear
+
+    n, k = w.out_features, w.in_features
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    runs = {"torch_bf16": (lambda: torch.matmul(x, dense_t), None), "dispatch": (lambda: bcq_linear(x, w), None),
+            "tile": (lambda: bcq.bcq_tile(x, w), bcq._tile_kernel),
+            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, per_plane=True), bcq._tile_kernel)}
+    if m <= GEMV_MAX_M:
+        runs |= {"gemv": (lambda: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
+                 "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, per_plane=True), bcq._gemv_kernel)}
+    times, tiles = {}, {}
+    for name, (fn, autotuner) in runs.items():
+        times[name] = timed(fn, repeats)
+        if autotuner is not None:  # best_config is the one for the call just made
+            tiles[name] = str(autotuner.best_config)
+    packed = sum(t.numel() * t.element_size() for t in (w.planes, w.alpha_r, w.alpha_c, w.plane_ptr))
+    moved = {name: (2 * n * k if name == "torch_bf16" else packed) + 2 * m * (k + n) for name in times}
+    gbps = {name: moved[name] / (t["median"] * 1e6) for name, t in times.items()}
+    base = times["torch_bf16"]["median"]
+    return {
+        "N": n, "K": k, "M": m, "effective_bits": w.effective_bits, "time_ms": times,
+        "speedup": {name: base / t["median"] for name, t in times.items() if name != "torch_bf16"},
+        "GBps": gbps, "fraction_of_copy_bandwidth": {name: v / limits["copy_GBps"] for name, v in gbps.items()},
+        "ideal_speedup": min(16 / w.effective_bits, max(1.0, limits["ridge_R"] / m)), "autotuned": tiles,
+    }
+
+
+def device_limits(repeats: int) -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul FLOP/s, measured."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), repeats)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = timed(lambda: a @ a, repeats)
+    bw = 2 * src.numel() / (copy["median"] * 1e-3)
+    flops = 2 * 8192**3 / (mm["median"] * 1e-3)
+    return {"copy_GBps": bw / 1e9, "bf16_TFLOPs": flops / 1e12, "ridge_R": flops / bw,
+            "copy_ms": copy, "matmul_8192_ms": mm}
+
+
+def suggest(rows: list[dict], ms: list[int]) -> dict:
+    """Crossovers for DispatchConfig from the geometric mean time over shapes of each path at each M."""
+    def geo(m: int, name: str) -> float:
+        ts = [r["time_ms"][name]["median"] for r in rows if r["M"] == m and name in r["time_ms"]]
+        return math.exp(statistics.fmean(math.log(t) for t in ts)) if ts else math.inf
+
+    best = {m: min((*KERNELS, "torch_bf16"), key=lambda name: geo(m, name)) for m in ms}
+    dense_from = [m for m in ms if all(best[later] == "torch_bf16" for later in ms if later >= m)]
+    dense_min_m = min(dense_from) if dense_from else 2 * max(ms)
+    kernel_ms = [m for m in ms if m < dense_min_m]
+    return {"best_path_per_M": best,
+            "gemv_max_m": max((m for m in kernel_ms if best[m].startswith("gemv")), default=0),
+            "plane_dot_max_m": max((m for m in kernel_ms if best[m].endswith("per_plane")), default=0),
+            "dense_min_m": dense_min_m}
+
+
+def plot(file: Path, record: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys((r["model"], r["shape"]) for r in record["rows"]))
+    cols = 4
+    nrows = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    for ax, (model, shape) in zip(axes.flat, shapes):
+        rows = [r for r in record["rows"] if (r["model"], r["shape"]) == (model, shape)]
+        for name in (*KERNELS, "dispatch"):
+            pts = [(r["M"], r["speedup"][name]) for r in rows if name in r["speedup"]]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name, linewidth=2.5 if name == "dispatch" else 1)
+        ax.plot([r["M"] for r in rows], [r["ideal_speedup"] for r in rows], "k--", label="ideal")
+        ax.axhline(1, color="gray", linewidth=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} {shape} (b_eff {rows[0]['effective_bits']:.2f})", fontsize=9)
+        ax.set_xlabel("M (tokens)")
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("speedup over torch bf16 matmul")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"BCQ kernels on {record['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llada,dream", help="comma-separated: llada, dream")
+    ap.add_argument("--ms", default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/kernels-<device>)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU, and torch sees none: nothing was measured.")
+    if importlib.util.find_spec("triton") is None:
+        sys.exit("benchmarks/kernels.py needs Triton (pip install triton): nothing was measured.")
+    try:
+        import matplotlib  # noqa: F401
+        have_plot = True
+    except ImportError:
+        have_plot = False
+        print("matplotlib is not installed: the JSON will be written but the PNG skipped (pip install matplotlib).")
+    from tqdm import tqdm
+
+    from qdllm.kernels.dispatch import DEFAULT_CONFIG, GPU_CONFIGS
+
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        sys.exit(f"--models: unknown {unknown}; known: {list(SHAPES)}")
+    ms = [int(m) for m in args.ms.split(",")]
+    env = environment(torch.device("cuda"))
+    print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
+    limits = device_limits(args.repeats)
+    jobs = [(model, shape, n, k) for model in models for shape, (n, k) in SHAPES[model].items()]
+    rows = []
+    with tqdm(total=len(jobs) * len(ms), unit="point") as bar:
+        for i, (model, shape, n, k) in enumerate(jobs):
+            w = random_weight(n, k, args.block_size, args.seed + i)
+            dense_t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).T
+            for m in ms:
+                bar.set_description(f"{model} {shape} M={m}")
+                rows.append({"model": model, "shape": shape, **measure(w, dense_t, m, args.repeats, limits)})
+                bar.update()
+    config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
+    record = {
+        "environment": env, "device_limits": limits,
+        "settings": {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
+                     "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
+                     "gemv_timed_up_to_M": GEMV_MAX_M, "dispatch_config": dataclasses.asdict(config)},
+        "rows": rows, "suggested_config": suggest(rows, ms),
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    if have_plot:
+        plot(out.with_suffix(".png"), record)
+    print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
+    for r in rows:
+        print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch {r['speedup']['dispatch']:5.2f}x  "
+              f"ideal {r['ideal_speedup']:5.2f}x  best {max(r['speedup'].values()):5.2f}x")
+    print(f"suggested DispatchConfig for {env['device']!r}: {record['suggested_config']}")
+    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if have_plot else ""))
+
+
+if __name__ == "__main__":
+    main()

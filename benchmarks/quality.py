@@ -1,0 +1,123 @@
+"""Quality: the masked-diffusion perplexity bound on held-out text of the full-precision model, the 2-bit
+baselines, Quant-dLLM and its ablations, against a unigram baseline.
+
+    python benchmarks/quality.py assets/llada-shakespeare --mc 16
+
+Each variant is converted by `qdllm-convert` (timed) from the model folder with its own calibration text
+(train split only), then scored by `qdllm-eval`'s estimator on the same test windows with the same mask
+seed, so differences between variants carry little Monte Carlo noise. The unigram baseline is fitted on
+the train split (add-one smoothing) and scored on the same tokens. Writes JSON and a PNG to
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import shakespeare
+from common import environment
+from qdllm.engine import load_model, load_tokenizer
+from qdllm.engine.artifact import MANIFEST
+from qdllm.engine.corpus import read_texts, token_stream
+from qdllm.engine.evaluate import evaluate
+from qdllm.engine.loader import resolve_device
+from qdllm.quantizer.cli import main as convert
+
+VARIANTS: dict[str, list[str] | None] = {  # label -> qdllm-convert flags (None: the unconverted model)
+    "fp": None,
+    "rtn-2bit": ["--method", "rtn"],
+    "gptq-2bit": ["--method", "gptq"],
+    "quant-dllm-2bit": [],
+    "quant-dllm-no-mcs": ["--no-mcs"],
+    "quant-dllm-no-abmp": ["--abmp-ratio", "0"],
+    "quant-dllm-naive-daq": ["--naive-daq"],
+}
+
+
+def unigram_nll(train: list[int], test: list[int], vocab: int) -> float:
+    """Per-token NLL (nats) of test tokens under add-one-smoothed train unigram frequencies."""
+    counts = Counter(train)
+    total = len(train) + vocab
+    return -sum(math.log((counts[t] + 1) / total) for t in test) / len(test)
+
+
+def plot(file: Path, record: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = record["results"]
+    labels = [k for k in res if k != "unigram"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 3, 4.5))
+    ax.bar(labels, [res[k]["ppl"] for k in labels], yerr=[res[k]["ppl_stderr"] for k in labels], capsize=4)
+    ax.axhline(res["unigram"]["ppl"], color="gray", linestyle="--", label=f"unigram {res['unigram']['ppl']:.0f}")
+    ax.set_ylabel("perplexity bound (lower is better)")
+    ax.set_title(f"{Path(record['data']).name}: {record['tokens']} tokens, mc={record['mc']}, "
+                 f"{record['environment']['date']}")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="HF checkpoint folder (with data/test.txt and data/calibration.txt)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--data", type=Path, default=None, help="held-out text (default: MODEL/data/test.txt)")
+    ap.add_argument("--mc", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qdllm-quality"), help="where artifacts are written")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    data = args.data or args.model / "data" / "test.txt"
+    tok = load_tokenizer(args.model)
+    test = token_stream(tok, read_texts(data), tok.eos_token_id)
+    train = token_stream(tok, list(shakespeare.load_split("train").values()), tok.eos_token_id)
+    uni = unigram_nll(train, test, len(tok))
+    results: dict[str, dict] = {"unigram": {"nll_per_token": uni, "ppl": math.exp(uni), "fitted_on": "train split"}}
+    labels = args.variants.split(",")
+    unknown = [v for v in labels if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
+    for label in tqdm(labels, desc="quality", unit="variant"):
+        flags, path, entry = VARIANTS[label], args.model, {}
+        if flags is not None:
+            path = args.work / label
+            shutil.rmtree(path, ignore_errors=True)
+            start = time.time()
+            convert([str(args.model), str(path), "--device", str(device), *flags])
+            manifest = json.loads((path / MANIFEST).read_text())
+            entry = {"flags": flags, "convert_seconds": round(time.time() - start, 1),
+                     "effective_bits": manifest["effective_bits"], "orders": manifest["orders"],
+                     "mean_layer_relative_error": sum(r["relative_error"] for r in manifest["layers"]) /
+                     len(manifest["layers"])}
+        start = time.time()
+        model = load_model(path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
+        seqlen = min(model.config.max_seq_len, 1024)
+        nll, se, windows = evaluate(model, test, seqlen, args.mc, args.seed, args.batch_size)
+        results[label] = {**entry, "nll_per_token": nll, "nll_stderr": se, "ppl": math.exp(nll),
+                          "ppl_stderr": math.exp(nll) * se, "windows": windows, "seqlen": seqlen,
+                          "eval_seconds": round(time.time() - start, 1)}
+        tqdm.write(f"{label}: perplexity bound {math.exp(nll):.2f} ± {math.exp(nll) * se:.2f}")
+        record = {"model": str(args.model), "data": str(data), "tokens": len(test), "mc": args.mc,
+                  "seed": args.seed, "results": results, "environment": environment(device)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")  # after each variant
+    plot(args.out.with_suffix(".png"), record)
+    print(f"unigram: perplexity {math.exp(uni):.2f}; wrote {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Triton BCQ GEMM: Y[M, N] = X[M, K] · Ŵᵀ read straight from the packed planes, fp32 accumulation.
+
+The kernel walks K one packed word (32 columns) at a time, so the unpacked [32, BLOCK_N] sign tile stays
+in registers, and reads each block's planes through plane_ptr, so mixed orders cost no padding. Two
+variants, selected by PER_PLANE:
+- per plane: scale the X tile by alpha_c, dot with the ±1 plane, scale by alpha_r (one dot per plane);
+- dequantized: build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs).
+Two launches: `bcq_gemv` for small M (BLOCK_M = 16, the smallest tl.dot a GPU accepts, and split-K over
+the K-blocks reduced by fp32 atomics, since a grid over N alone is too small to fill the GPU) and
+`bcq_tile` for larger M. Which variant wins at which M is measured per GPU by benchmarks/kernels.py.
+
+Configurations are autotuned on a GPU; the Triton interpreter (TRITON_INTERPRET=1, read when this module
+is imported) gets one fixed configuration, since autotuning several fails there.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .pack import BCQWeight
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_BLOCK_M = 16
+
+
+@triton.jit
+def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
+                M, N, NB, stride_xm, M_BUCKET,
+                G: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PLANE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    # M_BUCKET is only an autotuning key: one tuning per power-of-two bucket of M, not per M.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, 32)  # the bits of one word: each K step covers 32 input columns
+    m_ok = rm < M
+    n_ok = rn < N
+    # The interpreter computes bf16 dots and sums wrongly, so it upcasts; a GPU dots in the activation dtype.
+    dot_ty = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(pid_k, NB, SPLIT_K):
+        p_lo = tl.load(pp_ptr + b)
+        p_hi = tl.load(pp_ptr + b + 1)
+        for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
+            rk = c * 32 + rj
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + rk)[None, :], mask=m_ok[:, None], other=0.0)
+            w = tl.zeros((32, BLOCK_N), dtype=tl.float32)
+            for p in range(p_lo, p_hi):
+                words = tl.load(planes_ptr + (p * (G // 32) + c) * N + rn, mask=n_ok, other=0)
+                plus = ((words[None, :] >> rj[:, None]) & 1) != 0
+                ac = tl.load(ac_ptr + p * G + rk).to(tl.float32)
+                ar = tl.load(ar_ptr + p * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                if PER_PLANE:
+                    signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
+                    xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
+                    acc += tl.dot(xs, signs) * ar[None, :]
+                else:
+                    scale = ac[:, None] * ar[None, :]
+                    w += tl.where(plus, scale, -scale)
+            if not PER_PLANE:
+                acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+    if HAS_BIAS:
+        if pid_k == 0:  # added once, by the first K-split
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_offs = rm[:, None] * N + rn[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        tl.atomic_add(y_ptr + y_offs, acc, mask=y_ok, sem="relaxed")  # order is irrelevant to a sum
+
+
+def _configs(gemv: bool) -> list[triton.Config]:
+    if INTERPRET:  # small tiles keep the interpreter fast; SPLIT_K=2 still exercises the atomics
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2 if gemv else 1}, num_warps=4)]
+    if gemv:
+        return [triton.Config({"BLOCK_M": GEMV_BLOCK_M, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w)
+                for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for w in (4, 8)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w)
+            for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
+            if bm * bn <= 8192]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Skip timing tiles taller than M needs and K-splits beyond the number of K-blocks."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["M_BUCKET"])
+            and c.kwargs["SPLIT_K"] <= named_args["NB"]]
+    return kept or configs[:1]
+
+
+_KEY = ["M_BUCKET", "N", "NB", "G", "PER_PLANE"]
+_PRUNE = {"early_config_prune": _prune}
+_gemv_kernel = triton.autotune(_configs(gemv=True), _KEY, prune_configs_by=_PRUNE,
+                               reset_to_zero=["y_ptr"])(_bcq_kernel)
+_tile_kernel = triton.autotune(_configs(gemv=False), _KEY, prune_configs_by=_PRUNE)(_bcq_kernel)
+
+
+def _check(x: Tensor, w: BCQWeight) -> Tensor:
+    """x [..., K] -> a [M, K] view with unit column stride."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: expected float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x: expected last dim {w.in_features}, got {list(x.shape)}")
+    x2 = x.reshape(-1, w.in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> None:
+    m, n = x2.shape[0], w.out_features
+    if m == 0:
+        return
+    bias = w.bias if w.bias is not None else w.alpha_r  # any valid pointer when HAS_BIAS is off
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, y,
+                 m, n, w.num_blocks, x2.stride(0), triton.next_power_of_2(m),
+                 G=w.block_size, HAS_BIAS=w.bias is not None, PER_PLANE=per_plane,
+                 UPCAST=INTERPRET and x2.dtype == torch.bfloat16)
+
+
+def bcq_gemv(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
+    """Small-M path (meant for M ≤ 16): split-K into an fp32 buffer, then cast to x.dtype."""
+    x2 = _check(x, w)
+    y = torch.zeros(x2.shape[0], w.out_features, device=x.device, dtype=torch.float32)
+    _launch(_gemv_kernel, x2, w, y, per_plane)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
+
+
+def bcq_tile(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
+    """Tensor-core tile path; `per_plane` picks one dot per plane over one dot per dequantized tile."""
+    x2 = _check(x, w)
+    y = torch.empty(x2.shape[0], w.out_features, device=x.device, dtype=x.dtype)
+    _launch(_tile_kernel, x2, w, y, per_plane)
+    return y.reshape(*x.shape[:-1], w.out_features)

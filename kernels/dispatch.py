@@ -1,0 +1,97 @@
+"""`bcq_linear`: pick the torch reference or a Triton kernel by backend, device and M (rows of x).
+
+On a GPU: split-K GEMV for small M, the tile kernel up to a crossover, and above it the weight
+dequantized for the call, then torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense
+weight is not cached: a cache per linear would rebuild the whole fp16 model in memory. The
+crossovers differ per GPU, so they live in GPU_CONFIGS, keyed by device name, as measured by
+benchmarks/kernels.py; tile shapes themselves are autotuned by Triton.
+
+The kernel paths do no host sync and allocate only the output (and, for split-K, its fp32 buffer), so
+they can be captured in a CUDA graph once a warm-up call has autotuned.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .pack import BCQWeight
+from .reference import bcq_linear_reference, dequantize
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Crossovers in M for one GPU."""
+
+    gemv_max_m: int = 16  # M <= this: split-K GEMV
+    plane_dot_max_m: int = 0  # M <= this: the per-plane-dot variant; above: dequantize the tile, one dot
+    dense_min_m: int = 256  # M >= this: dequantize the weight for the call + torch.matmul
+
+
+DEFAULT_CONFIG = DispatchConfig()
+# torch.cuda.get_device_name() -> measured crossovers. Read once per device: set entries before first use.
+GPU_CONFIGS: dict[str, DispatchConfig] = {}
+
+@functools.cache
+def _bcq() -> ModuleType | None:
+    """The Triton kernels, imported on first use so CPU-only callers never pay for (or need) Triton."""
+    try:
+        from . import bcq
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        return None
+    return bcq
+
+
+@functools.cache
+def _config(device: torch.device) -> DispatchConfig:
+    if device.type != "cuda":  # the interpreter
+        return DEFAULT_CONFIG
+    return GPU_CONFIGS.get(torch.cuda.get_device_name(device), DEFAULT_CONFIG)
+
+
+def _triton_unusable(x: Tensor, w: BCQWeight) -> str | None:
+    """Why the Triton kernels cannot take this call, or None."""
+    bcq = _bcq()
+    if bcq is None:
+        return "Triton is not installed"
+    if not x.is_cuda and not bcq.INTERPRET:
+        return f"x is on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1"
+    if x.device != w.planes.device:
+        return f"x is on {x.device} but the weight is on {w.planes.device}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}; the Triton kernels take float16 or bfloat16"
+    return None
+
+
+def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
+    """x [..., K] @ Ŵᵀ (+ bias), in x.dtype.
+
+    "auto" runs Triton on CUDA (float16/bfloat16) and the torch reference elsewhere; "triton" raises
+    ValueError where the kernels cannot run; "torch" always runs the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return bcq_linear_reference(x, w)
+    reason = _triton_unusable(x, w)
+    if backend == "auto" and (reason is not None or not x.is_cuda):
+        return bcq_linear_reference(x, w)
+    if reason is not None:
+        raise ValueError(f"backend 'triton': {reason}")
+    bcq = _bcq()
+    cfg = _config(x.device)
+    m = x.numel() // w.in_features
+    if m >= cfg.dense_min_m:
+        bias = None if w.bias is None else w.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
+    per_plane = m <= cfg.plane_dot_max_m
+    if m <= cfg.gemv_max_m:
+        return bcq.bcq_gemv(x, w, per_plane)
+    return bcq.bcq_tile(x, w, per_plane)

@@ -1,0 +1,102 @@
+"""Writing an artifact: one shard per decoder layer as soon as it is finished, then the global tensors
+and the manifest. An unfinished conversion keeps its state in a file beside the shards, so `--resume`
+continues it and produces the same bytes as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qdllm.engine.artifact import FORMAT_VERSION, MANIFEST, sha256_file
+
+PARTIAL = ".qdllm-partial.json"
+# Everything a server needs besides the weights; checkpoint code (*.py) is never copied.
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+          "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class ArtifactError(ValueError):
+    """The output directory cannot be written or resumed; one line naming it and what to do."""
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _write_json(file: Path, data: dict) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+
+
+class ArtifactWriter:
+    """`header` is the manifest without the per-layer records and shard hashes: the settings, the source
+    and the calibration. A resumed conversion must have the same header."""
+
+    def __init__(self, out: Path, header: dict, n_layers: int, resume: bool):
+        self.out, self.n_layers = out, n_layers
+        self.header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
+        self.total = n_layers + 1  # one shard per layer, then one for the embedding, final norm and head
+        self.layers: list[dict] = []
+        self.shards: dict[str, str] = {}
+        state_file = out / PARTIAL
+        if state_file.exists():
+            if not resume:
+                raise ArtifactError(f"{out}: holds an unfinished conversion; add --resume to continue it, or "
+                                    "remove the directory")
+            self._resume(json.loads(state_file.read_text()))
+        elif out.exists() and any(out.iterdir()):
+            what = "a finished artifact" if (out / MANIFEST).exists() else "not empty"
+            raise ArtifactError(f"{out}: {what}; choose a new output directory (nothing was overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        self._save_state()
+
+    def _resume(self, state: dict) -> None:
+        if state.get("header") != self.header:
+            differs = sorted(k for k in set(state.get("header", {})) | set(self.header)
+                             if state.get("header", {}).get(k) != self.header.get(k))
+            raise ArtifactError(f"{self.out}: was started with different {', '.join(differs)}; convert again with "
+                                "the same settings, or remove the directory")
+        for record, (name, digest) in zip(state["layers"], state["shards"].items()):
+            if not (self.out / name).exists() or sha256_file(self.out / name) != digest:
+                break  # this shard and every later one are redone
+            self.layers.append(record)
+            self.shards[name] = digest
+
+    @property
+    def layers_done(self) -> int:
+        return len(self.layers)
+
+    def _save_state(self) -> None:
+        _write_json(self.out / PARTIAL, {"header": self.header, "layers": self.layers, "shards": self.shards})
+
+    def _save_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = shard_name(index, self.total)
+        tmp = self.out / (name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp),
+                  metadata={"format": "pt"})  # one key: safetensors writes several in random order
+        os.replace(tmp, self.out / name)
+        self.shards[name] = sha256_file(self.out / name)
+
+    def shard_path(self, index: int) -> Path:
+        return self.out / shard_name(index, self.total)
+
+    def write_layer(self, index: int, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        assert index == self.layers_done, "layers are written in order"
+        self._save_shard(index, tensors)
+        self.layers.append(record)
+        self._save_state()
+
+    def finish(self, src: Path, global_tensors: dict[str, torch.Tensor], summary: dict) -> None:
+        """The last shard, the copied config and tokenizer files, then the manifest; the state file goes last."""
+        self._save_shard(self.n_layers, global_tensors)
+        for name in COPIED:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, self.out / name)
+        _write_json(self.out / MANIFEST, {**self.header, **summary, "format_version": FORMAT_VERSION,
+                                          "layers": self.layers, "shards": self.shards})
+        (self.out / PARTIAL).unlink()

@@ -1,0 +1,214 @@
+"""Packing, the torch reference and the Triton BCQ kernels, against float64 constructions from signs and scales.
+
+On a machine without CUDA, conftest sets TRITON_INTERPRET=1, so the Triton kernels run (slowly) on the
+CPU: shapes stay tiny. With CUDA the same small tests run on the GPU (DEVICE), and the GPU tests at the
+end add larger shapes.
+"""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qdllm.kernels import bcq_linear, bcq_linear_reference, dequantize, pack, pack_signs, unpack_signs
+
+try:
+    from qdllm.kernels import bcq
+except ModuleNotFoundError:  # no Triton (macOS): packing and the reference are still tested
+    bcq = None
+needs_triton = pytest.mark.skipif(bcq is None, reason="Triton is not installed")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" runs the Triton kernels interpreted
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative error (Frobenius) against float64
+KERNELS = {
+    "gemv": lambda x, w: bcq.bcq_gemv(x, w),
+    "gemv_per_plane": lambda x, w: bcq.bcq_gemv(x, w, per_plane=True),
+    "tile": lambda x, w: bcq.bcq_tile(x, w),
+    "tile_per_plane": lambda x, w: bcq.bcq_tile(x, w, per_plane=True),
+}
+
+
+def random_codes(orders: list[int], n: int, g: int, seed: int = 0):
+    """Per-block codes with fp16-representable scales, and Ŵ built from them directly in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    codes, blocks = [], []
+    for o in orders:
+        signs = torch.rand(o, n, g, generator=gen) > 0.5
+        a_r = (torch.rand(o, n, generator=gen) * 0.09 + 0.01).half().double()
+        a_c = (torch.rand(o, g, generator=gen) + 0.5).half().double()
+        codes.append((signs, a_r, a_c))
+        blocks.append(sum(a_r[p][:, None] * a_c[p][None, :] * (signs[p].double() * 2 - 1) for p in range(o)))
+    return codes, torch.cat(blocks, dim=1)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def weight():
+    """N = 80 is no multiple of the tiles; mixed orders 1..3 over K = 4 blocks of 32; on DEVICE."""
+    codes, _ = random_codes([1, 3, 2, 2], n=80, g=32)
+    return pack(codes, bias=torch.randn(80, generator=torch.Generator().manual_seed(1)).half()).to(DEVICE)
+
+
+# ---- packing ----
+
+def test_pack_unpack_round_trip_is_exact():
+    signs = torch.rand(3, 5, 64, generator=torch.Generator().manual_seed(0)) > 0.5
+    signs[0] = True  # every word -1
+    signs[1] = False
+    signs[1, :, 31] = True  # only bit 31 of word 0: -2^31
+    planes = pack_signs(signs)
+    assert planes.dtype == torch.int32 and planes.shape == (3, 2, 5)
+    assert (planes[0] == -1).all()
+    assert (planes[1, 0] == -(2**31)).all() and (planes[1, 1] == 0).all()
+    assert torch.equal(unpack_signs(planes), signs)
+
+
+def test_pack_bit_layout():
+    """Bit j of word w of plane p, column n is the sign of input column 32w + j."""
+    signs = torch.rand(2, 3, 64, generator=torch.Generator().manual_seed(1)) > 0.5
+    planes = pack_signs(signs)
+    for p, n, k in [(0, 0, 0), (0, 2, 31), (1, 1, 32), (1, 2, 63), (1, 0, 45)]:
+        word = int(planes[p, k // 32, n]) & 0xFFFFFFFF
+        assert (word >> (k % 32)) & 1 == int(signs[p, n, k])
+
+
+def test_pack_builds_the_csr_layout_and_counts_every_bit():
+    codes, _ = random_codes([1, 3], n=8, g=32)
+    w = pack(codes)
+    assert w.plane_ptr.tolist() == [0, 1, 4]
+    assert w.orders.tolist() == [1, 3]
+    assert (w.out_features, w.in_features, w.block_size, w.num_planes) == (8, 64, 32, 4)
+    # planes 4*1*8 words * 32 + alpha_r 4*8 * 16 + alpha_c 4*32 * 16 + plane_ptr 3 * 32, over 8*64 weights
+    assert w.effective_bits == (1024 + 512 + 2048 + 96) / 512
+    assert pack(codes, bias=torch.zeros(8, dtype=torch.float16)).effective_bits == (3680 + 128) / 512
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(planes=torch.zeros(4, 1, 8, dtype=torch.int64)), r"planes: expected int32 \[4, 1, 8\], got int64"),
+    (dict(planes=torch.zeros(4, 8, dtype=torch.int32)), r"planes: expected int32 \[P, 1, N\]"),
+    (dict(alpha_r=torch.zeros(4, 9, dtype=torch.float16)), r"alpha_r: expected float16 \[4, 8\], got float16 \[4, 9\]"),
+    (dict(alpha_c=torch.zeros(4, 32)), r"alpha_c: expected float16 \[4, 32\], got float32"),
+    (dict(plane_ptr=torch.tensor([0, 1, 4])), r"plane_ptr: expected int32 \[3\], got int64"),
+    (dict(plane_ptr=torch.tensor([0, 0, 4], dtype=torch.int32)), r"plane_ptr: block 0 has order 0, expected 1..3"),
+    (dict(plane_ptr=torch.tensor([0, 3, 2], dtype=torch.int32)), r"plane_ptr: expected to run from 0 to P=4"),
+    (dict(plane_ptr=torch.tensor([1, 2, 4], dtype=torch.int32)), r"plane_ptr: expected to run from 0 to P=4"),
+    (dict(block_size=48), r"block_size: expected a positive multiple of 32, got 48"),
+    (dict(in_features=80), r"in_features: expected a positive multiple of block_size 32, got 80"),
+    (dict(bias=torch.zeros(7)), r"bias: expected a float \[8\], got float32 \[7\]"),
+])
+def test_validation_names_the_tensor(change, message):
+    w = pack(random_codes([1, 3], n=8, g=32)[0])
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(w, **change)
+
+
+def test_order_above_three_is_rejected():
+    codes, _ = random_codes([4], n=8, g=32)
+    with pytest.raises(ValueError, match=r"block 0 has order 4, expected 1..3"):
+        pack(codes)
+
+
+# ---- torch reference ----
+
+def test_dequantize_equals_the_float64_construction():
+    codes, expected = random_codes([2, 1, 3, 2], n=24, g=64)
+    w = pack(codes)
+    assert torch.equal(dequantize(w, torch.float64), expected)
+    assert torch.equal(dequantize(w, torch.float16), expected.half())
+
+
+def test_reference_linear_with_bias():
+    codes, expected = random_codes([3, 1], n=16, g=32)
+    bias = torch.randn(16, dtype=torch.float64)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    y = bcq_linear_reference(x, pack(codes, bias=bias))
+    torch.testing.assert_close(y, x @ expected.T + bias, rtol=1e-12, atol=1e-12)
+    assert bcq_linear_reference(x.half(), pack(codes)).dtype == torch.float16
+
+
+# ---- Triton kernels (interpreted without CUDA) ----
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_kernels_match_the_reference(weight, kernel, m, dtype):
+    x = torch.randn(m, weight.in_features, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    y = KERNELS[kernel](x, weight)
+    assert y.dtype == dtype and y.shape == (m, weight.out_features)
+    assert rel_err(y, bcq_linear_reference(x.double(), weight)) <= TOL[dtype]
+
+
+@needs_triton
+def test_triton_takes_batched_strided_input_without_bias_and_block_96():
+    codes, expected = random_codes([2, 3], n=40, g=96, seed=3)
+    w = pack(codes).to(DEVICE)
+    x = torch.randn(2, 3, 2 * w.in_features, dtype=torch.float16, device=DEVICE)[..., ::2]  # column stride 2
+    for y in (bcq.bcq_tile(x, w), bcq.bcq_gemv(x, w)):
+        assert y.shape == (2, 3, 40)
+        assert rel_err(y, x.double() @ expected.T.to(DEVICE)) <= TOL[torch.float16]
+
+
+# ---- dispatch ----
+
+def test_dispatch_rejects_an_unknown_backend(weight):
+    with pytest.raises(ValueError, match=r"backend: expected one of auto, torch, triton, got 'cuda'"):
+        bcq_linear(torch.zeros(1, weight.in_features), weight, backend="cuda")
+
+
+def test_dispatch_uses_the_reference_on_cpu(weight):
+    weight = weight.to("cpu")
+    x = torch.randn(3, weight.in_features, dtype=torch.bfloat16)
+    ref = bcq_linear_reference(x, weight)
+    assert torch.equal(bcq_linear(x, weight), ref)
+    assert torch.equal(bcq_linear(x, weight, backend="torch"), ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [2, 17, 256])  # GEMV, tile, cached dense weight
+def test_dispatch_triton_paths(weight, m):
+    x = torch.randn(m, weight.in_features, dtype=torch.float16, device=DEVICE)
+    assert rel_err(bcq_linear(x, weight, backend="triton"), bcq_linear_reference(x.double(), weight)) <= 2e-3
+
+
+@needs_triton
+def test_dispatch_triton_explains_what_it_cannot_run(weight, monkeypatch):
+    with pytest.raises(ValueError, match=r"backend 'triton': x is torch.float32; .* float16 or bfloat16"):
+        bcq_linear(torch.zeros(1, weight.in_features, device=DEVICE), weight, backend="triton")
+    monkeypatch.setattr(bcq, "INTERPRET", False)
+    with pytest.raises(ValueError, match=r"backend 'triton': x is on cpu; the Triton kernels need CUDA"):
+        bcq_linear(torch.zeros(1, weight.in_features, dtype=torch.float16), weight, backend="triton")
+
+
+def test_kernels_work_without_triton(tmp_path):
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch; from qdllm.kernels import bcq_linear, pack\n"
+            "w = pack([(torch.ones(1, 4, 32, dtype=torch.bool), torch.ones(1, 4), torch.ones(1, 32))])\n"
+            "print(bcq_linear(torch.ones(1, 32), w).tolist())\n"
+            "try: bcq_linear(torch.ones(1, 32, dtype=torch.float16), w, backend='triton')\n"
+            "except ValueError as e: print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    expected = ["[[32.0, 32.0, 32.0, 32.0]]", "backend 'triton': Triton is not installed"]
+    assert r.stdout.splitlines() == expected, r.stderr
+
+
+# ---- GPU ----
+
+@needs_triton
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 33, 300])
+def test_gpu_kernels_and_dispatch(dtype, m):
+    orders = torch.randint(1, 4, (8,), generator=torch.Generator().manual_seed(m)).tolist()
+    codes, _ = random_codes(orders, n=1000, g=128, seed=m)
+    w = pack(codes, bias=torch.randn(1000).half()).to("cuda")
+    x = torch.randn(m, w.in_features, device="cuda").to(dtype)
+    ref = bcq_linear_reference(x.double(), w)
+    for name, kernel in KERNELS.items():
+        assert rel_err(kernel(x, w), ref) <= TOL[dtype], name
+    assert rel_err(bcq_linear(x, w), ref) <= TOL[dtype]
