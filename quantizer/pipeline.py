@@ -6,6 +6,8 @@ calibration windows stay on the CPU.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,11 +135,8 @@ def layer_tensors(layer: DecoderLayer, i: int, cfg: ModelConfig, quantized: dict
 def layer_record(i: int, quantized: dict[str, QuantizedLinear], err: float, layer: DecoderLayer) -> dict:
     sizes = {n: getattr(layer, n).weight.numel() for n in quantized}
     bits = sum(q.effective_bits * sizes[n] for n, q in quantized.items()) / sum(sizes.values())
-    orders: dict[str, int] = {}
-    for q in quantized.values():
-        for o, count in q.orders.items():
-            orders[str(o)] = orders.get(str(o), 0) + count
-    return {"index": i, "effective_bits": bits, "relative_error": err, "orders": dict(sorted(orders.items())),
+    orders = _histogram({str(o): c for o, c in q.orders.items()} for q in quantized.values())
+    return {"index": i, "effective_bits": bits, "relative_error": err, "orders": orders,
             "weights": sum(sizes.values()),
             "linears": {n: {"effective_bits": q.effective_bits, "orders": {str(o): c for o, c in q.orders.items()}}
                         for n, q in quantized.items()}}
@@ -178,9 +177,13 @@ def _global_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 def summary(layers: list[dict]) -> dict:
     """Whole-model figures over the quantized linears."""
     weights = sum(r["weights"] for r in layers)
-    orders: dict[str, int] = {}
-    for r in layers:
-        for o, c in r["orders"].items():
-            orders[o] = orders.get(o, 0) + c
     return {"effective_bits": sum(r["effective_bits"] * r["weights"] for r in layers) / weights,
-            "quantized_weights": weights, "orders": dict(sorted(orders.items()))}
+            "quantized_weights": weights, "orders": _histogram(r["orders"] for r in layers)}
+
+
+def _histogram(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Blocks per order, summed over parts, keyed by the order as a string (JSON keys)."""
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(sorted(total.items()))
