@@ -10,7 +10,6 @@ same masks: their difference has far less noise than either figure.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .artifact import sha256_file
 from .corpus import DataError, read_texts, token_stream
 from .errors import ArgumentParser, bounded
 from .loader import BACKENDS, load_model, resolve_device
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> Result:
         raise DataError(f"{args.data}: the text contains the mask token; it cannot be scored")
     nll, se, n_windows = evaluate(model, ids, seqlen, args.mc, args.seed, args.batch_size)
     return Result(model=str(args.model), data=str(args.data),
-                  data_sha256=hashlib.sha256(Path(args.data).read_bytes()).hexdigest(), tokens=len(ids),
+                  data_sha256=sha256_file(args.data), tokens=len(ids),
                   windows=n_windows, seqlen=seqlen, mc=args.mc, seed=args.seed,
                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=str(device),
                   nll_per_token=nll, nll_stderr=None if math.isnan(se) else se, ppl_bound=math.exp(nll),

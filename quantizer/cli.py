@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from qdllm.engine import SamplingParams, load_tokenizer, read_config
-from qdllm.engine.artifact import MANIFEST
+from qdllm.engine.artifact import MANIFEST, sha256_file
 from qdllm.engine.errors import ArgumentParser, bounded
 from qdllm.engine.loader import resolve_device
 
@@ -74,10 +73,6 @@ def method_of(args: argparse.Namespace, family: str) -> Method:
     return Method(args.method, args.bits, args.block_size)
 
 
-def _sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
-
-
 def run(args: argparse.Namespace) -> Path:
     cfg = read_config(args.src)
     method = method_of(args, cfg.family)
@@ -95,7 +90,7 @@ def run(args: argparse.Namespace) -> Path:
     mcs = method.name != "rtn" and not args.no_mcs
     header = {
         "format": "qdllm", "qdllm_version": version("qdllm"),
-        "source": {"path": str(args.src), "config_sha256": _sha256(args.src / "config.json")},
+        "source": {"path": str(args.src), "config_sha256": sha256_file(args.src / "config.json")},
         "architecture": {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
                          for k, v in asdict(cfg).items()},
         "quantization": {"method": method.name, "bits": method.bits, "block_size": method.block_size,
@@ -103,7 +98,7 @@ def run(args: argparse.Namespace) -> Path:
                          "naive_daq": method.naive_daq, "daq_iterations": method.iterations,
                          "percdamp": method.percdamp,
                          "storage": "bcq" if method.name == "quant-dllm" else "dense-fp16"},
-        "calibration": {"source": str(calib), "sha256": _sha256(calib), "nsamples": args.nsamples,
+        "calibration": {"source": str(calib), "sha256": sha256_file(calib), "nsamples": args.nsamples,
                         "seqlen": seqlen, "seed": args.seed, "mcs": mcs,
                         "mcs_prefix_ratio": args.prefix_ratio if mcs else None},
         "generation": {k: v for k, v in asdict(SamplingParams()).items() if v is not None and k != "stop"},
