@@ -1,9 +1,11 @@
-"""Preallocated K/V slots for every canvas position of a batch of sequences.
+"""A preallocated pool of K/V slots, one row of canvas positions per cached sequence.
 
 One mechanism serves every cache policy: a forward writes the K/V of the tokens it is fed at their
-positions and attends over all slots. A full refresh feeds the whole canvas; the prefix cache then
-feeds the block and its suffix; the dual cache feeds the block alone. The buffers are allocated
-once, so steps cause no allocation churn.
+positions, then attends either over the fed tokens (a full forward, which also refreshes the cache)
+or over the first `read` positions of each row (a window forward: the block and its suffix for the
+prefix cache, the block alone for the dual cache). Tokens that must not be stored (padding, and
+rows of requests without a cache) go to one scratch position of one scratch row, so a batch needs no
+per-row branches. The pool grows only when a longer sequence arrives, never per step.
 """
 from __future__ import annotations
 
@@ -12,20 +14,61 @@ from torch import Tensor
 
 from .config import ModelConfig
 
+GROW = 128  # positions are allocated in multiples of this
 
-class KVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, length: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._rows = torch.arange(batch, device=device)[:, None]
+
+class KVPool:
+    def __init__(self, cfg: ModelConfig, slots: int, length: int, device: torch.device | str, dtype: torch.dtype):
+        self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
+        self.k = self.v = torch.empty(0)
+        self.length = 0
+        self.reserve(length)
 
     @property
-    def length(self) -> int:
-        return self.k.shape[2]
+    def scratch_slot(self) -> int:
+        return self.slots
 
-    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k/v [B, L, H, D] (RoPE already applied) at `positions` [B, L]; return all slots."""
-        self.k[layer][self._rows, positions] = k
-        self.v[layer][self._rows, positions] = v
-        return self.k[layer], self.v[layer]
+    @property
+    def scratch_position(self) -> int:
+        return self.length
+
+    def reserve(self, length: int) -> None:
+        """Make every row hold at least `length` positions, keeping what the rows already hold."""
+        if length <= self.length:
+            return
+        new = -(-length // GROW) * GROW
+        shape = (self.cfg.n_layers, self.slots + 1, new + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.length:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v, self.length = k, v, new
+
+    def view(self, write_slot: Tensor, write_position: Tensor, read_slot: Tensor | None = None,
+             read: int = 0) -> CacheView:
+        """The cache for one batched forward of [B, L] tokens.
+
+        write_slot, write_position: [B, L] where each fed token's K/V goes (the scratch slot and
+            position for tokens that must not be kept).
+        read_slot: [B] the row each batch row attends over, the first `read` positions of it; None
+            attends over the fed tokens themselves.
+        """
+        return CacheView(self, write_slot, write_position, read_slot, read)
+
+
+class CacheView:
+    """What the model's attention sees of the pool during one forward."""
+
+    def __init__(self, pool: KVPool, write_slot: Tensor, write_position: Tensor, read_slot: Tensor | None,
+                 read: int):
+        self.pool, self.write_slot, self.write_position = pool, write_slot, write_position
+        self.read_slot, self.read = read_slot, read
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v [B, L, H, D] (RoPE already applied); return the K/V to attend over."""
+        self.pool.k[layer][self.write_slot, self.write_position] = k
+        self.pool.v[layer][self.write_slot, self.write_position] = v
+        if self.read_slot is None:
+            return k, v
+        return self.pool.k[layer][self.read_slot, : self.read], self.pool.v[layer][self.read_slot, : self.read]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import CacheView
 
 
 class RMSNorm(nn.Module):
@@ -58,14 +58,14 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=cfg.bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
-                cache: KVCache | None, layer: int, positions: Tensor) -> Tensor:
+                cache: CacheView | None, layer: int) -> Tensor:
         cfg, (B, L, _) = self.cfg, x.shape
         h = self.attn_norm(x)
         q = apply_rope(self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
         k = apply_rope(self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
         v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim)
         if cache is not None:
-            k, v = cache.update(layer, k, v, positions)
+            k, v = cache.update(layer, k, v)
         att = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
             enable_gqa=cfg.n_kv_heads != cfg.n_heads)
@@ -87,12 +87,12 @@ class DiffusionLM(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, key_mask: Tensor | None = None,
-                cache: KVCache | None = None, logits_at: Tensor | None = None) -> Tensor:
+                cache: CacheView | None = None, logits_at: Tensor | None = None) -> Tensor:
         """Logits [B, n, V] for the fed tokens `input_ids` [B, L].
 
-        positions: [B, L] RoPE positions, which are also the cache slots (default 0..L-1).
-        key_mask:  [B, S] bool, True for keys that take part; S = L, or cache.length with a cache.
-        cache:     the fed tokens' K/V are written at their positions and attention reads all slots.
+        positions: [B, L] RoPE positions (default 0..L-1).
+        key_mask:  [B, S] bool, True for keys that take part; S = L, or the cache's read length.
+        cache:     stores the fed tokens' K/V and says which K/V attention reads (kv_cache.py).
         logits_at: [B, n] indices into the L fed tokens (default: all). The logits at index j always
                    predict token j; for Dream they are read from hidden state j-1 (j=0 reads itself),
                    so a window that does not start at position 0 must include the token before it.
@@ -106,7 +106,7 @@ class DiffusionLM(nn.Module):
         if cfg.emb_scale != 1.0:
             x = x * cfg.emb_scale
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, positions)
+            x = layer(x, cos, sin, mask, cache, i)
         if cfg.shift_logits:
             idx = torch.arange(L, device=x.device).expand(B, L) if logits_at is None else logits_at
             logits_at = (idx - 1).clamp(min=0)

@@ -78,7 +78,7 @@ def run_layer(layer: DecoderLayer, calib: Calibration, device: torch.device) -> 
     cos, sin = rope_tables(positions, layer.cfg.head_dim, layer.cfg.rope_theta)
     for lo in range(0, n, calib.batch):
         x = calib.x[lo:lo + calib.batch].to(device, torch.float32)
-        out[lo:lo + calib.batch] = layer(x, cos, sin, None, None, 0, positions.expand(len(x), L)).to("cpu", out.dtype)
+        out[lo:lo + calib.batch] = layer(x, cos, sin, None, None, 0).to("cpu", out.dtype)
     return out
 
 

@@ -4,7 +4,7 @@ import torch
 from reference import reference_logits
 from tiny import MASK, write_checkpoint
 
-from qdllm.engine import KVCache, load_model
+from qdllm.engine import KVPool, load_model
 
 
 def random_ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
@@ -67,33 +67,50 @@ def test_key_padding_mask_isolates_padding(model_dir):
     torch.testing.assert_close(batched[0], model(ids[:1])[0], rtol=1e-5, atol=1e-5)
 
 
+def cache(pool: KVPool, lo: int, hi: int, read: int | None = None):
+    """The view for feeding positions [lo, hi) of slot 0; read=None attends over the fed tokens."""
+    pos = torch.arange(lo, hi)[None]
+    return pool.view(torch.zeros_like(pos), pos, None if read is None else torch.zeros(1, dtype=torch.long), read or 0)
+
+
 @pytest.mark.parametrize("window", ["prefix", "dual"])
 def test_cache_windows_reproduce_the_full_forward(model_dir, window):
     """After a refresh, feeding only the block (dual) or block + suffix (prefix) attends to the
     cached K/V and gives the full forward's logits for an unchanged canvas."""
     model, ids = load_model(model_dir), random_ids(1, 32)
     full = model(ids)
-    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
-    torch.testing.assert_close(model(ids, cache=cache), full)
+    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
+    torch.testing.assert_close(model(ids, cache=cache(pool, 0, 32)), full)
     start, end = 16, 24
     lo = start - 1  # one token before the block: Dream reads the block's first logits from it
     hi = end if window == "dual" else 32
-    pos = torch.arange(lo, hi)[None]
-    out = model(ids[:, lo:hi], positions=pos, cache=cache, logits_at=torch.arange(1, 1 + end - start)[None])
+    out = model(ids[:, lo:hi], positions=torch.arange(lo, hi)[None], cache=cache(pool, lo, hi, read=32),
+                logits_at=torch.arange(1, 1 + end - start)[None])
     torch.testing.assert_close(out, full[:, start:end], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_window_writes_new_block_kv_and_keeps_the_rest(llada_dir):
     """A window forward replaces its own slots and leaves the others as the refresh wrote them."""
     model, ids = load_model(llada_dir), random_ids(1, 32)
-    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
-    model(ids, cache=cache)
-    outside = torch.cat([cache.k[:, :, :16], cache.k[:, :, 24:]], 2).clone()
+    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
+    model(ids, cache=cache(pool, 0, 32))
+    k = lambda: pool.k[:, 0, :32]  # noqa: E731  (layers, positions, heads, dim)
+    outside = torch.cat([k()[:, :16], k()[:, 24:]], 1).clone()
     changed = ids.clone()
     changed[0, 18] = 7
-    model(changed[:, 16:24], positions=torch.arange(16, 24)[None], cache=cache)
-    torch.testing.assert_close(torch.cat([cache.k[:, :, :16], cache.k[:, :, 24:]], 2), outside, rtol=0, atol=0)
-    fresh = KVCache(model.config, 1, 32, "cpu", torch.float32)
-    model(changed, cache=fresh)  # layer 0's K depends on the tokens alone
-    torch.testing.assert_close(cache.k[0, :, 16:24], fresh.k[0, :, 16:24])
-    assert not torch.allclose(cache.k[0, :, 18], outside[0, :, 2])
+    model(changed[:, 16:24], positions=torch.arange(16, 24)[None], cache=cache(pool, 16, 24, read=32))
+    torch.testing.assert_close(torch.cat([k()[:, :16], k()[:, 24:]], 1), outside, rtol=0, atol=0)
+    fresh = KVPool(model.config, 1, 32, "cpu", torch.float32)
+    model(changed, cache=cache(fresh, 0, 32))  # layer 0's K depends on the tokens alone
+    torch.testing.assert_close(k()[0, 16:24], fresh.k[0, 0, 16:24])
+    assert not torch.allclose(k()[0, 18], outside[0, 2])
+
+
+def test_pool_growth_keeps_what_the_rows_hold(llada_dir):
+    model, ids = load_model(llada_dir), random_ids(1, 32)
+    pool = KVPool(model.config, 2, 32, "cpu", torch.float32)
+    model(ids, cache=cache(pool, 0, 32))
+    before = pool.k[:, :, :32].clone()
+    pool.reserve(300)
+    assert pool.length >= 300 and pool.k.shape[2] == pool.length + 1  # plus the scratch position
+    torch.testing.assert_close(pool.k[:, :, :32], before, rtol=0, atol=0)

@@ -4,7 +4,7 @@ import torch
 from reference import dream_generate, llada_generate
 from tiny import MASK
 
-from qdllm.engine import LLM, SamplingParams, denoise, load_model
+from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
 from qdllm.engine.schedule import commit_count, split_steps
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
@@ -55,6 +55,16 @@ def test_timestep_schedule_counts():
     assert commit_count("timestep", 3, 4, 16, 3) == 3
 
 
+def run(model, params: SamplingParams, eos: frozenset[int] = frozenset()):
+    """PROMPT alone through the engine core, with answers as token ids."""
+    core = EngineCore(model, Detokenizer(None, eos))
+    core.add_request(PROMPT, params)
+    while True:
+        for out in core.step():
+            if out.finished:
+                return out
+
+
 class Recorder(torch.nn.Module):
     """Wraps a model and records the canvas it is fed at each call."""
 
@@ -75,33 +85,31 @@ def commits(fed: list[torch.Tensor], final: list[int], prompt_len: int) -> list[
 
 def test_token_schedule_blocks_left_to_right(llada_dir):
     rec = Recorder(load_model(llada_dir))
-    out = denoise(rec, PROMPT, SamplingParams(max_tokens=24, steps=12, block_length=8, ignore_eos=True), frozenset())
-    steps = commits(rec.fed, out.canvas, len(PROMPT))
+    out = run(rec, SamplingParams(max_tokens=24, steps=12, block_length=8, ignore_eos=True))
+    steps = commits(rec.fed, out.token_ids, len(PROMPT))
     assert [len(s) for s in steps] == [2, 2, 2, 2] * 3  # 8 masks over 4 steps per block
     for i, s in enumerate(steps):  # every commit lies in the current block, blocks in order
         assert all(i // 4 * 8 <= p < (i // 4 + 1) * 8 for p in s)
-    assert out.nfe == 12 and len(out.canvas) == 24 and MASK not in out.canvas
+    assert out.nfe == 12 and len(out.token_ids) == 24 and MASK not in out.token_ids
 
 
 def test_uneven_steps_give_earlier_steps_the_extra_token(llada_dir):
     rec = Recorder(load_model(llada_dir))
-    denoise(rec, PROMPT, SamplingParams(max_tokens=8, steps=3, block_length=8, ignore_eos=True), frozenset())
+    run(rec, SamplingParams(max_tokens=8, steps=3, block_length=8, ignore_eos=True))
     assert [len(s) for s in commits(rec.fed[:-1], rec.fed[-1][len(PROMPT):].tolist(), len(PROMPT))] == [3, 3]
 
 
 def test_threshold_commits_at_least_one_token_per_step(llada_dir):
     rec = Recorder(load_model(llada_dir))
-    out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, block_length=8, threshold=1.0, ignore_eos=True),
-                  frozenset())
-    assert [len(s) for s in commits(rec.fed, out.canvas, len(PROMPT))] == [1] * 16  # nothing reaches 1.0
+    out = run(rec, SamplingParams(max_tokens=16, block_length=8, threshold=1.0, ignore_eos=True))
+    assert [len(s) for s in commits(rec.fed, out.token_ids, len(PROMPT))] == [1] * 16  # nothing reaches 1.0
     assert out.nfe == 16
 
 
 def test_threshold_commits_every_confident_token(llada_dir):
     model = load_model(llada_dir)
-    out = denoise(model, PROMPT, SamplingParams(max_tokens=16, block_length=8, threshold=1e-9, ignore_eos=True),
-                  frozenset())
-    assert out.nfe == 2 and MASK not in out.canvas  # one step per block
+    out = run(model, SamplingParams(max_tokens=16, block_length=8, threshold=1e-9, ignore_eos=True))
+    assert out.nfe == 2 and MASK not in out.token_ids  # one step per block
 
 
 def test_threshold_selects_exactly_those_above(llada_dir):
@@ -111,8 +119,8 @@ def test_threshold_selects_exactly_those_above(llada_dir):
     p = torch.softmax(model(ids[None])[0, len(PROMPT):].double(), -1).max(-1).values
     threshold = float(p.sort(descending=True).values[2])  # exactly three reach it
     rec = Recorder(model)
-    out = denoise(rec, PROMPT, SamplingParams(max_tokens=8, threshold=threshold, ignore_eos=True), frozenset())
-    first = commits(rec.fed, out.canvas, len(PROMPT))[0]
+    out = run(rec, SamplingParams(max_tokens=8, threshold=threshold, ignore_eos=True))
+    first = commits(rec.fed, out.token_ids, len(PROMPT))[0]
     assert sorted(first) == sorted(p.topk(3).indices.tolist())
 
 
@@ -145,9 +153,8 @@ def test_caches_feed_their_windows(llada_dir, cache, window):
     fed = {}
     for c in ("none", cache):
         rec = Recorder(model)
-        out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, steps=8, block_length=8, cache=c, ignore_eos=True),
-                      frozenset())
-        assert out.nfe == 8 and MASK not in out.canvas
+        out = run(rec, SamplingParams(max_tokens=16, steps=8, block_length=8, cache=c, ignore_eos=True))
+        assert out.nfe == 8 and MASK not in out.token_ids
         fed[c] = rec.fed
     assert [len(f) for f in fed[cache]] == [P + 16] + [window] * 3 + [P + 16] + [8] * 3
     assert fed[cache][1][:8].tolist() == fed["none"][1][P: P + 8].tolist()
@@ -166,25 +173,23 @@ class MaskPredictor(Recorder):
 def test_committing_the_mask_id_still_ends_each_block(llada_dir, threshold, nfe):
     """As in the references: the linear schedule spends its steps; threshold decoding one step a position."""
     rec = MaskPredictor(load_model(llada_dir))
-    out = denoise(rec, PROMPT, SamplingParams(max_tokens=16, steps=8, block_length=8, threshold=threshold),
-                  frozenset())
-    assert out.nfe == nfe and out.canvas == [MASK] * 16
+    out = run(rec, SamplingParams(max_tokens=16, steps=8, block_length=8, threshold=threshold))
+    assert out.nfe == nfe and out.token_ids == [MASK] * 16
 
 
 def test_eos_in_a_finished_block_stops_generation(llada_dir):
     model = load_model(llada_dir)
     every = frozenset(range(128))  # any token ends the answer: the first block must be the last
-    out = denoise(model, PROMPT, SamplingParams(max_tokens=32, steps=32, block_length=8), every)
-    assert len(out.canvas) == 8 and out.nfe == 8
+    out = run(model, SamplingParams(max_tokens=32, steps=32, block_length=8), every)
+    assert out.token_ids == [] and out.finish_reason == "stop" and out.nfe == 8
 
 
 def test_output_is_cut_at_eos_and_max_tokens(llada):
     params = SamplingParams(max_tokens=5, ignore_eos=False)
-    tokens, text, reason = llada._finish([3, 4, 125, 6, 7, 8], params)
-    assert (tokens, text, reason) == ([3, 4], "w3 w4", "stop")
-    tokens, text, reason = llada._finish([3, 4, 5, 6, 7, 125], params)
-    assert (tokens, reason) == ([3, 4, 5, 6, 7], "length")
-    assert llada._finish([3, 125, 5], SamplingParams(max_tokens=3, ignore_eos=True))[0] == [3, 125, 5]
+    cut = llada.engine.detok.cut
+    assert cut([3, 4, 125, 6, 7, 8], params) == ([3, 4], "w3 w4", "stop")
+    assert cut([3, 4, 5, 6, 7, 125], params) == ([3, 4, 5, 6, 7], "w3 w4 w5 w6 w7", None)
+    assert cut([3, 125, 5], SamplingParams(max_tokens=3, ignore_eos=True))[0] == [3, 125, 5]
 
 
 def test_stop_strings_end_the_text(llada):

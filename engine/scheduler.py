@@ -1,0 +1,284 @@
+"""The engine core: step-level continuous batching of block-wise denoising requests.
+
+Each `step()` advances every running request by one denoising step. Requests that need a full
+forward (no cache, or a cache refresh at the start of a block) share one padded forward call; requests
+in the middle of a block feed only their window (block plus suffix, or the block alone) and share a
+second call that attends over the pooled K/V. Requests join between steps when a slot and the token
+budget allow, and leave as soon as they finish, are cancelled, or stop early.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .kv_cache import KVPool
+from .model import DiffusionLM
+from .output import Detokenizer, RequestOutput, RequestStats
+from .sampling import SamplingParams
+from .sequence import Sequence, Window, block_layout
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started, and the state after the latest step."""
+
+    steps: int = 0
+    forwards: int = 0  # batched forward calls
+    rows: int = 0  # canvas rows fed, summed over forwards
+    tokens: int = 0  # padded tokens fed, summed over forwards
+    nfe: int = 0  # network evaluations, as requests count them
+    finished: int = 0
+    aborted: int = 0
+    running: int = 0
+    waiting: int = 0
+    occupancy_sum: float = 0.0  # running / max_num_seqs, summed over steps
+
+    @property
+    def batch_occupancy(self) -> float:
+        """Mean fraction of the sequence slots in use per step."""
+        return self.occupancy_sum / self.steps if self.steps else 0.0
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    stats: RequestStats
+    seq: Sequence | None = None
+    slots: list[int] | None = None
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_text: str = ""
+
+
+class EngineCore:
+    """Owns the model and the KV pool; not thread-safe (the async front runs it on one thread).
+
+    max_num_seqs:     requests denoised together; a CFG request counts two.
+    max_batch_tokens: cap on the tokens of the running requests' full sequences (rows x length); one
+                      request alone is always admitted.
+    max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
+    """
+
+    def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
+                 max_batch_tokens: int = 16384, max_model_len: int | None = None):
+        cfg = model.config
+        if max_num_seqs < 1 or max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        self.model, self.detok = model, detokenizer
+        self.device = model.embed.weight.device
+        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.pool: KVPool | None = None  # allocated at the first request that uses a cache
+        self.free_slots = list(range(max_num_seqs))
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.aborts: set[str] = set()
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, naming the field, for a request this engine can never run."""
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("a prompt must hold at least one token")
+        if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
+        block, n_blocks = block_layout(params)
+        length = len(prompt) + block * n_blocks
+        if length > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
+                             f"up to whole blocks) exceeds the model's context of {self.max_model_len} tokens")
+        if params.steps is not None and params.threshold is None and params.steps < n_blocks:
+            raise ValueError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
+                             f"({n_blocks})")
+        if (2 if params.cfg_scale > 0 else 1) > self.max_num_seqs:
+            raise ValueError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}")
+        if params.stop and self.detok.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
+
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                    stats: RequestStats | None = None) -> str:
+        self.check(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.waiting.append(_Request(request_id, list(prompt), params, stats or RequestStats()))
+        self.stats.waiting = len(self.waiting)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop the request at the next step; its slots return to the pool."""
+        self.aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def request_ids(self) -> list[str]:
+        return [r.id for r in self.running] + [r.id for r in self.waiting]
+
+    def clear(self) -> list[str]:
+        """Drop every request, as after a failed step; return their ids."""
+        ids = self.request_ids()
+        for r in self.running:
+            self._release(r)
+        self.running, self.aborts = [], set()
+        self.waiting.clear()
+        self.stats.running = self.stats.waiting = 0
+        return ids
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One denoising step for every running request; outputs for those that finished a block or ended."""
+        outputs = self._drop_aborted()
+        self._admit()
+        if not self.running:
+            self.stats.running, self.stats.waiting = 0, len(self.waiting)
+            return outputs
+        plans = [(r, r.seq.window()) for r in self.running]
+        occupancy = sum(r.seq.rows for r in self.running) / self.max_num_seqs
+        done: list[tuple[_Request, bool]] = []
+        for full in (True, False):
+            group = [(r, w) for r, w in plans if w.full == full]
+            if group:
+                for (r, _), logits in zip(group, self._forward(group, full)):
+                    done.append((r, r.seq.advance(logits)))
+        for r, block_done in done:  # in admission order, whichever call served them
+            if block_done:
+                outputs.append(self._finish_block(r))
+        self.running = [r for r in self.running if r.seq is not None]
+        st = self.stats
+        st.steps += 1
+        st.occupancy_sum += occupancy
+        st.running, st.waiting = len(self.running), len(self.waiting)
+        return outputs
+
+    def _drop_aborted(self) -> list[RequestOutput]:
+        if not self.aborts:
+            return []
+        outputs = []
+        for r in [r for r in self.running if r.id in self.aborts]:
+            outputs.append(self._output(r, r.sent_tokens, r.sent_text, "abort"))
+            self._release(r)
+        self.running = [r for r in self.running if r.seq is not None]
+        for r in [r for r in self.waiting if r.id in self.aborts]:
+            self.waiting.remove(r)
+            outputs.append(self._output(r, r.sent_tokens, r.sent_text, "abort"))
+        self.stats.aborted += len(outputs)
+        self.aborts.clear()
+        return outputs
+
+    def _admit(self) -> None:
+        """First come, first served: the head of the queue waits until its slots and tokens fit."""
+        busy = sum(r.seq.rows * r.seq.length for r in self.running)
+        while self.waiting:
+            r = self.waiting[0]
+            rows = 2 if r.params.cfg_scale > 0 else 1
+            block, n_blocks = block_layout(r.params)
+            tokens = rows * (len(r.prompt) + block * n_blocks)
+            if rows > len(self.free_slots) or (self.running and busy + tokens > self.max_batch_tokens):
+                break
+            self.waiting.popleft()
+            r.seq = Sequence(r.prompt, r.params, self.model.config, self.device)
+            r.slots = [self.free_slots.pop(0) for _ in range(rows)]
+            if r.params.cache != "none":
+                self._reserve(r.seq.length)
+            r.stats.scheduled = time.perf_counter()
+            self.running.append(r)
+            busy += tokens
+
+    def _reserve(self, length: int) -> None:
+        if self.pool is None:
+            w = self.model.embed.weight
+            self.pool = KVPool(self.model.config, self.max_num_seqs, length, w.device, w.dtype)
+        self.pool.reserve(length)
+
+    def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
+        """One padded forward for the group; the block logits [rows, block, V] of each request."""
+        B = sum(r.seq.rows for r, _ in group)
+        L = max(w.hi - w.lo for _, w in group)
+        n = max(w.end - w.start for _, w in group)
+        cached = any(r.params.cache != "none" for r, _ in group)
+        pool = self.pool
+        scratch = (pool.scratch_slot, pool.scratch_position) if pool is not None else (0, 0)
+        dev = self.device
+        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+        positions = torch.zeros(B, L, dtype=torch.long)
+        write_slot = torch.full((B, L), scratch[0], dtype=torch.long)
+        write_pos = torch.full((B, L), scratch[1], dtype=torch.long)
+        read = L if full else max(r.seq.length for r, _ in group)
+        key_mask = torch.zeros(B, read, dtype=torch.bool)
+        logits_at = torch.zeros(B, n, dtype=torch.long)
+        read_slot = torch.zeros(B, dtype=torch.long)
+        row = 0
+        for r, w in group:
+            x = r.seq.inputs()[:, w.lo: w.hi]
+            span = torch.arange(w.lo, w.hi)
+            for j in range(r.seq.rows):
+                ids[row, : w.hi - w.lo] = x[j]
+                positions[row, : w.hi - w.lo] = span
+                if r.params.cache != "none":
+                    write_slot[row, : w.hi - w.lo] = r.slots[j]
+                    write_pos[row, : w.hi - w.lo] = span
+                    read_slot[row] = r.slots[j]
+                key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
+                logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
+                row += 1
+        view = None
+        if cached:
+            view = pool.view(write_slot.to(dev), write_pos.to(dev), None if full else read_slot.to(dev), read)
+        logits = self.model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
+                            logits_at=logits_at.to(dev))
+        st = self.stats
+        st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + B * L, st.nfe + B
+        out, row = [], 0
+        for r, w in group:
+            out.append(logits[row: row + r.seq.rows, : w.end - w.start])
+            row += r.seq.rows
+        return out
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def _finish_block(self, r: _Request) -> RequestOutput:
+        """The block just finished: end the request on EOS, a stop string or the last block, else go on."""
+        seq = r.seq
+        if r.stats.first_block is None:
+            r.stats.first_block = time.perf_counter()
+        generated = seq.generated
+        tokens, text, reason = self.detok.cut(generated, r.params)
+        # EOS anywhere in the finished block ends the request, as in the references, even past max_tokens
+        ended = reason is not None or seq.last_block or (
+            not r.params.ignore_eos and bool(self.detok.eos_ids.intersection(generated[-seq.block:])))
+        if ended and reason is None:
+            reason = "length"
+        output = self._output(r, tokens, text, reason)
+        if reason is None:
+            seq.next_block()
+        else:
+            self._release(r)
+            self.stats.finished += 1
+        return output
+
+    def _output(self, r: _Request, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
+        """The answer so far; an unfinished one streams only the text that no later block can change."""
+        if reason is None:
+            text = self.detok.stable(text, r.params)
+        else:
+            r.stats.finished = time.perf_counter()
+        delta_tokens, delta_text = tokens[len(r.sent_tokens):], text[len(r.sent_text):]
+        r.sent_tokens, r.sent_text = tokens, text
+        nfe = r.seq.nfe if r.seq is not None else 0
+        return RequestOutput(r.id, r.prompt, tokens, text, delta_tokens, delta_text, reason is not None, reason,
+                             nfe, r.stats)
+
+    def _release(self, r: _Request) -> None:
+        self.free_slots.extend(r.slots)
+        self.free_slots.sort()
+        r.seq, r.slots = None, None

@@ -1,0 +1,137 @@
+"""One request's semi-autoregressive block denoising, as a state machine the scheduler steps.
+
+The scheduler asks each sequence for the window it needs (`window`), runs one batched forward, and
+hands each sequence the logits of its block (`advance`). With cache="none" and temperature 0 this is
+LLaDA's `generate()` token for token; with block_length >= max_tokens and the timestep schedule it is
+Dream's `diffusion_generate`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .remasking import propose, select
+from .sampling import SamplingParams
+from .schedule import commit_count, commit_probability, split_steps
+
+DEFAULT_SCHEDULE = {"llada": "linear", "dream": "timestep"}
+
+
+def block_layout(params: SamplingParams) -> tuple[int, int]:
+    """(block length, number of blocks): the canvas is max_tokens rounded up to whole blocks, and a
+    block longer than max_tokens shrinks to it (one global block, as Dream decodes)."""
+    block = min(params.block_length, params.max_tokens)
+    return block, math.ceil(params.max_tokens / block)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The tokens one step feeds: positions [lo, hi) of the sequence, and the block [start, end) whose
+    logits it needs. `full` feeds the whole sequence (no cache, or a cache refresh); otherwise the
+    forward attends over the cached K/V of the sequence's first `length` positions."""
+
+    lo: int
+    hi: int
+    start: int
+    end: int
+    full: bool
+
+
+class Sequence:
+    def __init__(self, prompt: list[int], params: SamplingParams, cfg: ModelConfig, device: torch.device):
+        self.params, self.prompt_len = params, len(prompt)
+        self.mask = cfg.mask_token_id
+        self.shift = int(cfg.shift_logits)  # Dream reads position i from hidden state i-1
+        self.block, self.n_blocks = block_layout(params)
+        self.length = self.prompt_len + self.block * self.n_blocks
+        self.x = torch.full((self.length,), self.mask, dtype=torch.long, device=device)
+        self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long, device=device)
+        self.gen = torch.Generator(device)
+        self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
+        self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
+        self.block_steps = split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
+        self.rows = 2 if params.cfg_scale > 0 else 1  # CFG adds an unconditional row
+        self.nfe = 0
+        self.b = -1
+        self.next_block()
+
+    @property
+    def start(self) -> int:
+        return self.prompt_len + self.b * self.block
+
+    @property
+    def end(self) -> int:
+        return self.start + self.block
+
+    @property
+    def generated(self) -> list[int]:
+        """Every generated position up to the current block's end."""
+        return self.x[self.prompt_len: self.end].tolist()
+
+    @property
+    def last_block(self) -> bool:
+        return self.b == self.n_blocks - 1
+
+    def inputs(self) -> Tensor:
+        """The canvas rows a forward feeds: [rows, length]; the unconditional row masks the prompt."""
+        x = self.x[None]
+        if self.rows == 1:
+            return x
+        uncond = x.clone()
+        uncond[:, : self.prompt_len] = self.mask
+        return torch.cat([x, uncond])
+
+    def window(self) -> Window:
+        cache = self.params.cache
+        if cache == "none" or self.refresh:
+            return Window(0, self.length, self.start, self.end, True)
+        hi = self.end if cache == "dual" else self.length
+        return Window(max(self.start - self.shift, 0), hi, self.start, self.end, False)
+
+    def advance(self, logits: Tensor) -> bool:
+        """Commit this step's tokens from the block's logits [rows, block, V]; True when the block is finished."""
+        self.nfe += self.rows
+        if self.rows == 2:
+            cond, uncond = logits.float()
+            logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
+        else:
+            logits = logits[0]
+        p = self.params
+        x0, conf = propose(logits[self.masked], p.temperature, p.top_p, p.remasking, self.gen)
+        if p.remasking == "origin" and p.threshold is None:
+            ratio = commit_probability(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
+            chosen = (torch.rand(self.masked.shape, device=x0.device, generator=self.gen) < ratio).nonzero()[:, 0]
+        else:
+            chosen = select(conf, self.count, p.threshold, p.alg_temp, self.gen)
+        self.x[self.start + self.masked[chosen]] = x0[chosen]
+        self.refresh, self.step = False, self.step + 1
+        return self._settle()
+
+    def next_block(self) -> None:
+        """Start the next block. Every block has a step that commits: the last step takes all the rest."""
+        self.b += 1
+        self.step, self.refresh = 0, True
+        self.steps = self.block_steps[self.b] if self.params.threshold is None else self.block
+        self.n_start = int((self.x[self.start: self.end] == self.mask).sum())
+        self._settle()
+
+    def _settle(self) -> bool:
+        """Skip the steps that would commit nothing (a forward would change nothing); True when the block
+        is finished. A committed token can itself be the mask id (neither reference forbids it), so a block
+        ends when no masks remain or its step budget is spent; with a threshold, one step per position."""
+        while self.step < self.steps:
+            self.masked = (self.x[self.start: self.end] == self.mask).nonzero()[:, 0]
+            if self.masked.numel() == 0:
+                return True
+            self.count = 0
+            if self.params.threshold is None:
+                self.count = commit_count(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
+                if self.count == 0 and self.params.remasking != "origin":
+                    self.step += 1
+                    continue
+            return False
+        return True

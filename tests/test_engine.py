@@ -1,0 +1,226 @@
+"""The engine core: batch independence, parity, early stop, streaming, budgets, stats and failures."""
+from pathlib import Path
+
+import pytest
+import torch
+from reference import llada_generate
+from tiny import MASK
+
+from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
+from qdllm.engine.tokenizer import chat_prompt
+
+ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
+
+# Mixed lengths, block sizes, policies and caches, so every batch mixes full and window forwards.
+REQUESTS = [
+    ([5, 6, 7, 8, 9, 10, 11], SamplingParams(max_tokens=16, steps=8, block_length=8, ignore_eos=True)),
+    ([12, 13, 14], SamplingParams(max_tokens=24, block_length=8, cache="prefix", threshold=0.3, ignore_eos=True)),
+    ([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], SamplingParams(max_tokens=12, steps=12, block_length=4,
+                                                                  cache="dual", ignore_eos=True)),
+    ([40, 41], SamplingParams(max_tokens=16, steps=8, block_length=16, cfg_scale=1.5, cache="prefix",
+                              ignore_eos=True)),
+    ([50, 51, 52, 53], SamplingParams(max_tokens=8, steps=8, block_length=8, temperature=0.8, top_p=0.9, seed=7,
+                                      remasking="random", ignore_eos=True)),
+    ([60, 61, 62, 63, 64], SamplingParams(max_tokens=16, steps=16, block_length=8, remasking="margin", cache="dual",
+                                          threshold=0.2, ignore_eos=True)),
+]
+
+
+def drain(core: EngineCore, stagger: dict[int, tuple[list[int], SamplingParams]] | None = None) -> dict:
+    """Step until done, adding `stagger[step]` requests at those steps; every output by request id."""
+    outputs, step = {}, 0
+    while core.has_unfinished() or (stagger and step <= max(stagger)):
+        if stagger and step in stagger:
+            core.add_request(*stagger[step], request_id=f"late-{step}")
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        step += 1
+    return outputs
+
+
+def alone(model, prompt, params, eos=frozenset()):
+    core = EngineCore(model, Detokenizer(None, eos), max_num_seqs=2)
+    core.add_request(prompt, params, request_id="solo")
+    return drain(core)["solo"][-1]
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_batched_requests_give_the_tokens_they_give_alone(model_dir, stagger):
+    model = load_model(model_dir)
+    solo = [alone(model, p, s) for p, s in REQUESTS]
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8)
+    if stagger:  # arrivals between steps, in a different order
+        outputs = drain(core, {3 * i: r for i, r in enumerate(reversed(REQUESTS))})
+        batched = [outputs[f"late-{3 * i}"][-1] for i in reversed(range(len(REQUESTS)))]
+    else:
+        ids = [core.add_request(p, s) for p, s in REQUESTS]
+        outputs = drain(core)
+        batched = [outputs[i][-1] for i in ids]
+    assert core.stats.forwards < sum(o.nfe for o in solo)  # they really shared forwards
+    for a, b in zip(solo, batched):
+        assert b.token_ids == a.token_ids and b.nfe == a.nfe
+        assert MASK not in b.token_ids and b.finish_reason == "length"
+
+
+def test_batched_requests_match_the_reference_generate(llada_dir):
+    llm = LLM(llada_dir, device="cpu")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+    params = [SamplingParams(max_tokens=16, steps=16, block_length=4, ignore_eos=True),
+              SamplingParams(max_tokens=24, steps=12, block_length=8, ignore_eos=True),
+              SamplingParams(max_tokens=16, steps=8, block_length=16, cfg_scale=1.0, ignore_eos=True)]
+    outs = llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, outs):
+        assert out.token_ids == llada_generate(llm.model, prompt, p.steps, p.max_tokens, p.block_length,
+                                               p.cfg_scale, MASK)
+
+
+def test_early_stop_spends_fewer_forwards_and_frees_the_slot(llada_dir):
+    """An EOS in the first block ends that request after one block; its neighbour is unaffected and a
+    waiting request takes the slot."""
+    model = load_model(llada_dir)
+    first = alone(model, *REQUESTS[0]).token_ids
+    eos = frozenset({first[3]})  # this token is committed in the first block
+    core = EngineCore(model, Detokenizer(None, eos), max_num_seqs=2)
+    stopping = core.add_request(REQUESTS[0][0], SamplingParams(max_tokens=16, steps=8, block_length=8))
+    other = core.add_request(*REQUESTS[2])
+    late = core.add_request(*REQUESTS[2])
+    outputs = drain(core)
+    end = outputs[stopping][-1]
+    assert end.finish_reason == "stop" and end.token_ids == first[: first.index(first[3])]
+    assert end.nfe == 4 < 8  # one block of the two
+    assert outputs[other][-1].token_ids == outputs[late][-1].token_ids == alone(model, *REQUESTS[2]).token_ids
+    assert len(outputs[other]) == 3  # one output per block
+
+
+def test_max_tokens_shorter_than_the_canvas_truncates(llada_dir):
+    model = load_model(llada_dir)
+    full = alone(model, [5, 6, 7], SamplingParams(max_tokens=16, steps=16, block_length=8, ignore_eos=True))
+    cut = alone(model, [5, 6, 7], SamplingParams(max_tokens=11, steps=16, block_length=8, ignore_eos=True))
+    assert cut.token_ids == full.token_ids[:11] and cut.finish_reason == "length"
+
+
+def test_token_budget_caps_the_batch_and_everyone_finishes(llada_dir):
+    model = load_model(llada_dir)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8, max_batch_tokens=40)
+    ids = [core.add_request(p, s) for p, s in REQUESTS[:3]]
+    most = 0
+    outputs = {}
+    while core.has_unfinished():
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        most = max(most, core.stats.running)
+    assert most == 1  # each sequence alone fills the 40-token budget
+    for i, (p, s) in zip(ids, REQUESTS[:3]):
+        assert outputs[i][-1].token_ids == alone(model, p, s).token_ids
+
+
+def test_abort_frees_slots_running_and_waiting(llada_dir):
+    model = load_model(llada_dir)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=1)
+    running = core.add_request(*REQUESTS[0])
+    waiting = core.add_request(*REQUESTS[2])
+    core.step()
+    assert core.stats.running == 1 and core.stats.waiting == 1
+    core.abort_request(running)
+    core.abort_request(waiting)
+    outs = core.step()
+    assert sorted((o.request_id, o.finish_reason, o.finished) for o in outs) == [
+        (running, "abort", True), (waiting, "abort", True)]
+    assert not core.has_unfinished() and core.free_slots == [0] and core.stats.aborted == 2
+
+
+def test_stats_count_the_work(llada_dir):
+    model = load_model(llada_dir)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4)
+    ids = [core.add_request(p, s) for p, s in REQUESTS[:2]]
+    final = {k: v[-1] for k, v in drain(core).items()}
+    st = core.stats
+    assert st.nfe == sum(final[i].nfe for i in ids) and st.finished == 2 and st.running == 0
+    assert 0 < st.batch_occupancy <= 0.5  # two of four slots at most
+    for i in ids:
+        s = final[i].stats
+        assert 0 <= s.queue_s <= s.first_block_s <= s.latency_s and final[i].tokens_per_s > 0
+
+
+def test_bad_requests_name_what_is_wrong(llada_dir):
+    core = EngineCore(load_model(llada_dir), Detokenizer(None, frozenset()), max_num_seqs=1, max_model_len=64)
+    for prompt, params, match in [([], SamplingParams(), "at least one token"),
+                                  ([5, 4096], SamplingParams(), r"token ids in \[0, 128\)"),
+                                  ("text", SamplingParams(), "token ids"),
+                                  ([5] * 40, SamplingParams(max_tokens=30, block_length=8), "context of 64"),
+                                  ([5], SamplingParams(max_tokens=16, block_length=4, steps=2), "steps"),
+                                  ([5], SamplingParams(max_tokens=8, cfg_scale=1.0), "two sequence slots"),
+                                  ([5], SamplingParams(max_tokens=8, stop=["x"]), "needs a tokenizer")]:
+        with pytest.raises(ValueError, match=match):
+            core.add_request(prompt, params)
+    assert not core.has_unfinished()
+
+
+class FailOnce(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.embed, self.failed = model, model.config, model.embed, False
+
+    def forward(self, ids, **kw):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA out of memory")
+        return self.model(ids, **kw)
+
+
+def test_clear_after_a_failed_step_leaves_a_working_engine(llada_dir):
+    model = load_model(llada_dir)
+    core = EngineCore(FailOnce(model), Detokenizer(None, frozenset()), max_num_seqs=2)
+    a = core.add_request(*REQUESTS[0])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        core.step()
+    assert core.clear() == [a] and core.free_slots == [0, 1]
+    assert alone(model, *REQUESTS[0]).token_ids == drain_one(core, *REQUESTS[0]).token_ids
+
+
+def drain_one(core, prompt, params):
+    rid = core.add_request(prompt, params)
+    return drain(core)[rid][-1]
+
+
+# ---- the shipped model: real tokenizer, real text -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model(ASSET, dtype=torch.float32), load_tokenizer(ASSET)
+
+
+def chat(tok, text):
+    return chat_prompt(tok, [{"role": "user", "content": text}])
+
+
+def test_shipped_model_batches_independently_and_streams_a_growing_text(shipped):
+    model, tok = shipped
+    eos = frozenset({tok.eos_token_id})
+    prompts = [chat(tok, q) for q in ("Who is there?", "What news from Rome, my lord?", "Speak.")]
+    params = [SamplingParams(max_tokens=64, block_length=16, cache="prefix", threshold=0.9),
+              SamplingParams(max_tokens=48, block_length=16, steps=24),
+              SamplingParams(max_tokens=64, block_length=32, cache="dual", threshold=0.9, stop=["\n\n"])]
+    solo = []
+    for p, s in zip(prompts, params):
+        core = EngineCore(model, Detokenizer(tok, eos), max_num_seqs=1)
+        solo.append(drain_one(core, p, s))
+    core = EngineCore(model, Detokenizer(tok, eos), max_num_seqs=4)
+    ids = [core.add_request(p, s) for p, s in zip(prompts, params)]
+    outputs = drain(core)
+    for i, a in zip(ids, solo):
+        stream = outputs[i]
+        final = stream[-1]
+        assert final.token_ids == a.token_ids and final.text == a.text and final.text
+        assert "".join(o.delta_text for o in stream) == final.text
+        assert sum((o.delta_token_ids for o in stream), []) == final.token_ids
+        assert all(final.text.startswith(o.text) for o in stream)
+    assert solo[2].finish_reason == "stop" and "\n\n" not in solo[2].text
+
+
+def test_stream_holds_back_a_possible_stop_string_start():
+    params = SamplingParams(stop=["\n\nHAMLET"])
+    assert Detokenizer.stable("Good night.\n\nHAM", params) == "Good night."
+    assert Detokenizer.stable("Good night.\n", params) == "Good night."
+    assert Detokenizer.stable("caf\ufffd", SamplingParams()) == "caf"  # half of a UTF-8 character
+    assert Detokenizer.stable("Good night.", params) == "Good night."
