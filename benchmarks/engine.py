@@ -6,8 +6,9 @@ cache policies (none, prefix, dual) with and without Fast-dLLM threshold decodin
 Prompts are chat turns made from the first speeches of the test plays. Every request decodes its whole
 canvas (ignore_eos), so each configuration generates the same number of tokens; tokens/s counts generated
 tokens only (never the prompt) over the wall time of the whole batch of requests. Agreement is the share
-of generated positions whose token equals the reference's: cache "none", the linear schedule, one token
-per step. Writes JSON and a PNG to benchmarks/results/.
+of generated positions whose token equals the reference's (cache "none", the linear schedule, one token
+per step); one early difference changes the rest of the text, so the first diverging position is recorded
+too. Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -116,6 +117,9 @@ def main() -> None:
             times.append(t)
         generated = sum(len(o.token_ids) for o in outs)
         same = sum(a == b for o, r in zip(outs, reference) for a, b in zip(o.token_ids, r.token_ids))
+        # the first generated position where a request leaves the reference (its length if never)
+        diverge = [next((i for i, (a, b) in enumerate(zip(o.token_ids, r.token_ids)) if a != b), len(o.token_ids))
+                   for o, r in zip(outs, reference)]
         rates = sorted(generated / t for t in times)
         results.append({
             "label": f"{cache}" + ("" if threshold is None else f" + thr {threshold}"),
@@ -125,6 +129,7 @@ def main() -> None:
             "nfe_per_request": statistics.mean(o.nfe for o in outs),
             "forwards": stats.forwards, "batch_occupancy": stats.batch_occupancy,
             "agreement_with_reference": same / generated,
+            "first_divergence": diverge,
         })
     record = {"benchmark": "engine", "environment": environment(device),
               "settings": {"model": args.model, "prompts": len(prompts), "max_tokens": args.max_tokens,
@@ -140,7 +145,8 @@ def main() -> None:
     for r in results:
         print(f"{r['label']:>20} batch {r['batch']:>2}: {r['tokens_per_s']['median']:7.1f} tok/s "
               f"(min {r['tokens_per_s']['min']:.1f}, max {r['tokens_per_s']['max']:.1f}), "
-              f"nfe/request {r['nfe_per_request']:.1f}, agreement {r['agreement_with_reference']:.3f}")
+              f"nfe/request {r['nfe_per_request']:.1f}, agreement {r['agreement_with_reference']:.3f}, "
+              f"first divergence median {statistics.median(r['first_divergence'])}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 

@@ -80,6 +80,11 @@ class AsyncEngine:
         return self.core.stats
 
     @property
+    def alive(self) -> bool:
+        """The engine thread runs and accepts requests."""
+        return self._thread.is_alive() and not self._stopping
+
+    @property
     def queue_depth(self) -> int:
         """Requests accepted but not yet running."""
         return len(self._inbox) + len(self.core.waiting)

@@ -1,8 +1,82 @@
-"""`qdllm-serve`: not implemented yet; it says so instead of pretending."""
+"""`qdllm-serve MODEL`: the OpenAI-compatible server for an artifact or a plain HF checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
 import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from qdllm.engine import LLM, AsyncEngine, SamplingParams
+from qdllm.engine.artifact import MANIFEST
+from qdllm.engine.errors import ArgumentParser, bounded
+from qdllm.engine.loader import BACKENDS, resolve_device
+
+from .app import ServerConfig, create_app
 
 
-def main() -> None:
-    print("qdllm-serve: not yet: the HTTP server has not landed in this version of qdllm; "
-          "use qdllm.engine.LLM from Python meanwhile", file=sys.stderr)
-    sys.exit(2)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="qdllm-serve", description="Serve a qdllm artifact or an HF dLLM checkpoint "
+                                                        "through an OpenAI-compatible HTTP API.")
+    ap.add_argument("model", type=Path, help="artifact folder (from qdllm-convert) or HF checkpoint folder")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=bounded(int, "--port", 0, 65535), default=8000, help="port (default 8000)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto", help="linear backend for artifacts")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    ap.add_argument("--max-batch", type=bounded(int, "--max-batch", 1), default=8,
+                    help="requests denoised together (default 8; a CFG request counts two)")
+    ap.add_argument("--max-batch-tokens", type=bounded(int, "--max-batch-tokens", 1), default=16384,
+                    help="token budget of the running requests' whole sequences (default 16384)")
+    ap.add_argument("--max-model-len", type=bounded(int, "--max-model-len", 1), default=None,
+                    help="longest prompt plus canvas (default: the model's context); sizes the KV pool")
+    ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,
+                    help="requests waiting before new ones get 503 (default 128)")
+    ap.add_argument("--max-n", type=bounded(int, "--max-n", 1), default=16, help="largest n per request (default 16)")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return ap
+
+
+def generation_defaults(path: Path) -> dict:
+    """The artifact's default generation settings (its manifest's `generation`); {} for a plain checkpoint."""
+    try:
+        generation = json.loads((path / MANIFEST).read_text()).get("generation", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    known = {f.name for f in fields(SamplingParams)} - {"seed", "stop"}
+    return {k: v for k, v in generation.items() if k in known} if isinstance(generation, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        device = resolve_device(args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
+        llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
+                  max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len)
+        defaults = generation_defaults(args.model)
+        SamplingParams(**defaults)  # a manifest with bad defaults is refused here, not on the first request
+    except ValueError as e:  # CheckpointError and bad settings: one line each
+        print(f"qdllm-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+    config = ServerConfig(args.served_model_name or args.model.resolve().name, defaults, args.api_key, args.max_n)
+    app = create_app(engine, llm.tokenizer, config)
+
+    logging.getLogger("qdllm.server").info("serving %s as '%s' on http://%s:%d/v1 (%s, %s)", args.model,
+                                           config.model_name, args.host, args.port, device,
+                                           next(llm.model.parameters()).dtype)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found;
+    # these make that last step a no-op, so a graceful shutdown exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", log_level=args.log_level,
+                timeout_graceful_shutdown=10, access_log=False)

@@ -1,0 +1,304 @@
+"""The FastAPI app: OpenAI completions and chat completions (plain and SSE), models, health, metrics.
+
+Handlers only translate: they validate a request, submit one engine request per (prompt, choice), and
+turn the engine's block-level outputs into OpenAI responses or `data:` chunks. The engine thread does
+all the work, so the event loop stays free to accept connections and notice disconnects.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from transformers import PreTrainedTokenizerBase
+
+from qdllm.engine import AsyncEngine, EngineError, QueueFullError, RequestOutput
+from qdllm.engine.tokenizer import chat_prompt
+
+from .errors import APIError, error_body, error_response
+from .metrics import Metrics
+from .protocol import ChatRequest, CompletionRequest, parse, sampling_params
+
+log = logging.getLogger("qdllm.server")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    defaults: dict  # SamplingParams fields the model's artifact sets; a request overrides them
+    api_key: str | None = None
+    max_n: int = 16  # choices per request
+
+
+def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.shutdown)  # the server takes no more requests; end those in flight
+
+    app = FastAPI(title="qdllm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = Metrics()
+    created = int(time.time())
+
+    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_: Request, e: HTTPException) -> JSONResponse:
+        message = "no such endpoint" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+                                            "owned_by": "qdllm", "max_model_len": engine.core.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse(await request.body(), CompletionRequest)
+        check_model(req.model)
+        return await respond(request, req, completion_prompts(req.prompt), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse(await request.body(), ChatRequest)
+        check_model(req.model)
+        if not req.messages:
+            raise APIError(400, "messages must hold at least one message", "messages")
+        conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
+                        for m in req.messages]
+        return await respond(request, req, [chat_prompt(tokenizer, conversation)], chat=True)
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(404, f"model '{name}' does not exist; this server serves '{config.model_name}'", "model")
+
+    def completion_prompts(prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and all(type(t) is int for t in prompt):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in prompt]
+
+    async def respond(request: Request, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
+                      chat: bool) -> Response:
+        if not 1 <= req.n <= config.max_n:
+            raise APIError(400, f"n must be between 1 and {config.max_n}, got {req.n}", "n")
+        params = [sampling_params(req, config.defaults, i) for i in range(req.n)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for p, prompt in enumerate(prompts):
+                for i, sp in enumerate(params):
+                    streams.append(engine.submit(prompt, sp, request_id=f"{rid}-{p * req.n + i}"))
+        except (ValueError, QueueFullError, EngineError) as e:
+            for s in streams:
+                s.cancel()
+            raise submit_error(e, chat) from None
+        meta = Meta(rid, config.model_name, chat, sum(len(p) for p in prompts))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(streams, meta, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finals = await collect(request, streams)
+        if finals is None:  # the client left; its requests are cancelled and nobody reads this
+            return Response(status_code=499)
+        if any(o.finish_reason == "abort" for o in finals):
+            raise APIError(503, "the server is shutting down; retry later")
+        record(meta, finals)
+        return JSONResponse(meta.response(finals))
+
+    async def collect(request: Request, streams: list) -> list[RequestOutput] | None:
+        """Every choice's final output, or None if the client disconnects first (the requests are cancelled)."""
+        task = asyncio.ensure_future(asyncio.gather(*(s.final() for s in streams)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    return None
+        except EngineError as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            if not task.done():
+                task.cancel()
+            for s in streams:
+                s.cancel()
+
+    async def sse(streams: list, meta: Meta, include_usage: bool) -> AsyncIterator[str]:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            if meta.chat:
+                for index in range(len(streams)):
+                    yield meta.chunk(index, {"role": "assistant", "content": ""}, None)
+            async for index, out in merged(streams):
+                if isinstance(out, Exception) or out.finish_reason == "abort":
+                    message = str(out) if isinstance(out, Exception) else "the server is shutting down"
+                    yield f"data: {json.dumps(error_body(503, message))}\n\n"
+                    return
+                if out.delta_text or out.finished:
+                    yield meta.chunk(index, out.delta_text, out.finish_reason)
+                if out.finished:
+                    finals[index] = out
+            record(meta, finals)
+            if include_usage:
+                yield meta.usage_chunk(finals)
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects mid-stream: the engine drops the requests
+            for s in streams:
+                s.cancel()
+
+    def record(meta: Meta, finals: list[RequestOutput]) -> None:
+        for o in finals:
+            metrics.prompt_tokens += len(o.prompt_token_ids)
+            metrics.completion_tokens += len(o.token_ids)
+            metrics.nfe += o.nfe
+            metrics.latency.observe(o.stats.latency_s)
+            metrics.queue.observe(o.stats.queue_s)
+            metrics.first_block.observe(o.stats.first_block_s)
+            metrics.nfe_hist.observe(o.nfe)
+        usage = meta.usage(finals)
+        log.info("%s prompt_tokens=%d completion_tokens=%d nfe=%d latency=%.3fs", meta.id, usage["prompt_tokens"],
+                 usage["completion_tokens"], sum(o.nfe for o in finals), time.perf_counter() - meta.start)
+
+    return app
+
+
+class AuthAndCount:
+    """Bearer auth on /v1/* and request counts by endpoint and status, as plain ASGI, so streamed
+    responses and client disconnects pass through untouched."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests[(endpoint, message["status"])] += 1
+            await send(message)
+
+        if self.expected and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                e = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'")
+                return await error_response(e)(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+
+def submit_error(e: Exception, chat: bool) -> APIError:
+    if isinstance(e, QueueFullError):
+        return APIError(503, str(e), headers={"Retry-After": "1"})
+    if isinstance(e, EngineError):
+        return APIError(503, str(e))
+    message = str(e)
+    param = ("max_tokens" if "context" in message else ("messages" if chat else "prompt") if "prompt" in message
+             else "cfg_scale" if "cfg_scale" in message else "steps" if "steps" in message else None)
+    return APIError(400, message, param)
+
+
+async def merged(streams: list) -> AsyncIterator[tuple[int, RequestOutput | Exception]]:
+    """Outputs of several streams as they come, tagged with the stream's index; ends when all have finished."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except EngineError as e:
+            await queue.put((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, Exception) or item.finished:
+                remaining -= 1
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@dataclass
+class Meta:
+    """What every response and chunk of one HTTP request shares, and how they are shaped."""
+
+    id: str
+    model: str
+    chat: bool
+    prompt_tokens: int  # each prompt counts once however many choices it has, as OpenAI counts it
+    created: int = field(default_factory=lambda: int(time.time()))
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def usage(self, finals: list[RequestOutput]) -> dict:
+        completion = sum(len(o.token_ids) for o in finals)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def response(self, finals: list[RequestOutput]) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
+                        "finish_reason": o.finish_reason} for i, o in enumerate(finals)]
+        else:
+            choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                       for i, o in enumerate(finals)]
+        return self._envelope(self.kind, choices) | {"usage": self.usage(finals)}
+
+    def chunk(self, index: int, delta: str | dict, finish_reason: str | None) -> str:
+        if self.chat:
+            delta = delta if isinstance(delta, dict) else {"content": delta} if delta else {}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            body = self._envelope("chat.completion.chunk", [choice])
+        else:
+            body = self._envelope("text_completion", [{"index": index, "text": delta, "logprobs": None,
+                                                       "finish_reason": finish_reason}])
+        return f"data: {json.dumps(body)}\n\n"
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> str:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps(self._envelope(kind, []) | {'usage': self.usage(finals)})}\n\n"

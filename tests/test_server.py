@@ -1,0 +1,239 @@
+"""qdllm-serve as users run it: a real process on a loopback port, driven by the official openai client."""
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from qdllm.engine import LLM, SamplingParams
+from qdllm.engine.tokenizer import chat_prompt
+
+ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
+SERVE = str(Path(sys.executable).parent / "qdllm-serve")
+KEY = "test-key"
+MODEL = "llada-shakespeare"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([SERVE, str(model), "--port", str(self.port), *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qdllm-serve exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("qdllm-serve did not become healthy")
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return self.proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(ASSET, "--api-key", KEY, "--max-batch", "8")
+    yield s
+    code, log = s.stop()
+    assert code == 0, log
+    assert "prompt_tokens=" in log and "nfe=" in log  # one line per request
+    assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(ASSET, device="cpu", dtype=torch.float32)
+
+
+def test_completion_equals_the_offline_engine(client, llm):
+    out = client.completions.create(model=MODEL, prompt="HAMLET.\nTo be, or not", max_tokens=32,
+                                    extra_body={"block_length": 16, "cache": "prefix"})
+    ref = llm.generate("HAMLET.\nTo be, or not", SamplingParams(max_tokens=32, block_length=16, cache="prefix"))[0]
+    assert out.choices[0].text == ref.text and ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert out.model == MODEL and out.object == "text_completion"
+
+
+def test_chat_stream_concatenates_to_the_plain_answer(client, llm):
+    messages = [{"role": "user", "content": "Who is there?"}]
+    extra = {"block_length": 16, "cache": "dual", "threshold": 0.5}
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, extra_body=extra)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, extra_body=extra,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    ref = llm.chat(messages, SamplingParams(max_tokens=48, block_length=16, cache="dual", threshold=0.5))[0]
+    assert text == plain.choices[0].message.content == ref.text and text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens == len(ref.token_ids)
+    assert plain.usage.prompt_tokens == len(chat_prompt(llm.tokenizer, messages))
+
+
+def test_n_choices_are_seeded_and_reproducible(client):
+    kw = dict(model=MODEL, prompt="ROMEO.\n", max_tokens=16, n=2, temperature=1.0, seed=11)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("qdllm_requests_total", "qdllm_generation_tokens_total", "qdllm_queue_depth",
+                 "qdllm_batch_occupancy", "qdllm_nfe_total", "qdllm_request_latency_seconds_bucket"):
+        assert name in text
+    assert 'qdllm_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b'{"model": "llada-shakespeare", "prompt": ', 400, None),  # malformed JSON
+    (b'{"model": "llada-shakespeare", "prompt": "\xff\xfe"}', 400, None),  # not UTF-8
+    (b'["not", "an", "object"]', 400, None),
+    (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": "ten"}).encode(), 422, "max_tokens"),
+    (json.dumps({"model": MODEL}).encode(), 422, "prompt"),
+    (json.dumps({"model": "gpt-4", "prompt": "a"}).encode(), 404, "model"),
+    (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 100000}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "a", "n": 1000}).encode(), 400, "n"),
+    (json.dumps({"model": MODEL, "prompt": "a", "remasking": "best"}).encode(), 400, "remasking"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logprobs": 3}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": [5, 99999]}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": []}).encode(), 400, "prompt"),
+])
+def test_bad_completion_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and "Traceback" not in r.text
+
+
+def test_bad_chat_requests_and_the_client_exceptions(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages must hold at least one message"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.UnprocessableEntityError, match="messages.0.role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="cache must be one of"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"cache": "paged"})
+
+
+def test_auth_and_unknown_routes(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no such endpoint"
+    assert httpx.get(server.url + "/health").status_code == 200  # outside /v1: no key needed
+
+
+def test_disconnect_mid_stream_cancels_the_request(server):
+    def aborted() -> float:
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines()
+                    if x.startswith("qdllm_aborted_requests_total"))
+        return float(line.split()[-1])
+
+    before = aborted()
+    body = {"model": MODEL, "prompt": "KING.\n", "max_tokens": 240, "block_length": 8, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    deadline = time.time() + 30
+    while aborted() == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert aborted() == before + 1
+
+
+def test_32_concurrent_streams_complete_with_correct_usage(server, llm):
+    questions = [f"Speak, {name}." for name in ("Hamlet", "Horatio", "Brutus", "Viola")] * 8
+
+    async def one(client, i, q):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=24, stream=True,
+            stream_options={"include_usage": True}, extra_body={"block_length": 8, "cache": "prefix"})
+        text, usage = "", None
+        async for c in stream:
+            text += "".join(ch.delta.content or "" for ch in c.choices)
+            usage = c.usage or usage
+        return text, usage
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, i, q) for i, q in enumerate(questions)))
+
+    results = asyncio.run(main())
+    refs = {q: llm.chat([{"role": "user", "content": q}], SamplingParams(max_tokens=24, block_length=8,
+                                                                         cache="prefix"))[0] for q in set(questions)}
+    for q, (text, usage) in zip(questions, results):
+        ref = refs[q]
+        assert text == ref.text
+        assert usage.completion_tokens == len(ref.token_ids) and usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir):
+    s = Server(llada_dir, "--max-batch", "1", "--max-queue", "1", "--served-model-name", "tiny")
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 96, "block_length": 8, "ignore_eos": True}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6)))
+
+    try:
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
+        busy = [r for r in responses if r.status_code == 503]
+    finally:
+        code, log = s.stop(signal.SIGINT)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
+    assert busy and all(r.headers["retry-after"] == "1" and "queue is full" in r.json()["error"]["message"]
+                        for r in busy)
+    assert code == 0 and "Traceback" not in log
+
+
+@pytest.mark.parametrize("args,message", [(["/no/such/model"], "not a directory"),
+                                          ([str(ASSET), "--port", "http"], "--port must be an integer"),
+                                          ([str(ASSET), "--max-batch", "0"], "--max-batch must be")])
+def test_bad_cli_input_is_one_line(args, message):
+    r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
