@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test clean
+.PHONY: install test demo serve clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# The shipped model, converted to 2 bits with quant-dllm (about a minute on a CPU; --resume finishes an
+# interrupted conversion).
+ARTIFACT ?= build/shakespeare-2bit
+
+$(ARTIFACT)/qdllm.json: $(VENV)/.installed
+	$(VENV)/bin/qdllm-convert assets/llada-shakespeare $(ARTIFACT) --resume
+
+demo: $(ARTIFACT)/qdllm.json
+	$(PY) examples/demo.py $(ARTIFACT)
+
+serve: $(ARTIFACT)/qdllm.json
+	$(VENV)/bin/qdllm-serve $(ARTIFACT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

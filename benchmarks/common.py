@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 import subprocess
 
@@ -30,3 +31,23 @@ def git_commit() -> str:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def random_weight(n: int, k: int, g: int, seed: int, device: torch.device):
+    """A random packed [n, k] weight with ABMP's order mix (5% of blocks order 1, 5% order 3, the rest 2),
+    built on `device`; speed does not depend on the values."""
+    from qdllm.kernels import BCQWeight
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    nb = k // g
+    r = min(math.floor(nb * 0.05), nb // 2)
+    orders = torch.full((nb,), 2, dtype=torch.int32, device=device)
+    perm = torch.randperm(nb, generator=gen, device=device)
+    orders[perm[:r]], orders[perm[r:2 * r]] = 1, 3
+    p = 2 * nb
+    return BCQWeight(
+        planes=torch.randint(-2**31, 2**31, (p, g // 32, n), dtype=torch.int32, device=device, generator=gen),
+        alpha_r=(torch.rand(p, n, device=device, generator=gen) * 0.02 + 0.005).half(),
+        alpha_c=(torch.rand(p, g, device=device, generator=gen) + 0.5).half(),
+        plane_ptr=torch.cat([orders.new_zeros(1), orders.cumsum(0, dtype=torch.int32)]),
+        in_features=k, block_size=g)

@@ -23,23 +23,12 @@ import torch
 from tqdm import tqdm
 
 from common import environment
+from shakespeare import speeches
 from qdllm.engine import Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.loader import resolve_device
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
 
 CACHES = ("none", "prefix", "dual")
-
-
-def speeches(path: Path, n: int, max_chars: int = 200) -> list[str]:
-    """The first n speeches of a dialogue file (`SPEAKER.` line, then its lines), without the speaker."""
-    out = []
-    for block in path.read_text(encoding="utf-8").split("\n\n"):
-        lines = block.strip().splitlines()
-        if len(lines) >= 2:
-            out.append(" ".join(lines[1:])[:max_chars])
-        if len(out) == n:
-            break
-    return out
 
 
 def run(model, detok: Detokenizer, prompts: list[list[int]], params: SamplingParams, batch: int):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import environment
+from common import environment, random_weight
 
 SHAPES = {  # (N out, K in) of every distinct decoder linear
     "llada": {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 4096),
@@ -34,25 +34,6 @@ SHAPES = {  # (N out, K in) of every distinct decoder linear
 }
 GEMV_MAX_M = 64  # the GEMV launch is not timed above this
 KERNELS = ("gemv", "gemv_per_plane", "tile", "tile_per_plane")
-
-
-def random_weight(n: int, k: int, g: int, seed: int):
-    """Random planes and scales with ABMP's order mix, built on the GPU (packing cost is not measured)."""
-    from qdllm.kernels import BCQWeight
-
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    nb = k // g
-    r = min(math.floor(nb * 0.05), nb // 2)
-    orders = torch.full((nb,), 2, dtype=torch.int32, device="cuda")
-    perm = torch.randperm(nb, generator=gen, device="cuda")
-    orders[perm[:r]], orders[perm[r:2 * r]] = 1, 3
-    p = 2 * nb
-    return BCQWeight(
-        planes=torch.randint(-2**31, 2**31, (p, g // 32, n), dtype=torch.int32, device="cuda", generator=gen),
-        alpha_r=(torch.rand(p, n, device="cuda", generator=gen) * 0.02 + 0.005).half(),
-        alpha_c=(torch.rand(p, g, device="cuda", generator=gen) + 0.5).half(),
-        plane_ptr=torch.cat([orders.new_zeros(1), orders.cumsum(0, dtype=torch.int32)]),
-        in_features=k, block_size=g)
 
 
 def timed(fn, repeats: int) -> dict:
@@ -186,7 +167,7 @@ def main() -> None:
     rows = []
     with tqdm(total=len(jobs) * len(ms), unit="point") as bar:
         for i, (model, shape, n, k) in enumerate(jobs):
-            w = random_weight(n, k, args.block_size, args.seed + i)
+            w = random_weight(n, k, args.block_size, args.seed + i, torch.device("cuda"))
             dense_t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).T
             for m in ms:
                 bar.set_description(f"{model} {shape} M={m}")

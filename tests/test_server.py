@@ -237,3 +237,28 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
 def test_bad_cli_input_is_one_line(args, message):
     r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_serves_a_converted_artifact_with_its_default_settings(tmp_path):
+    """The 2-bit artifact of the shipped model; settings a request leaves out come from its manifest."""
+    art = tmp_path / "shakespeare-2bit"
+    r = subprocess.run([str(Path(SERVE).parent / "qdllm-convert"), str(ASSET), str(art), "--nsamples", "16",
+                        "--seqlen", "64", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((art / "qdllm.json").read_text())
+    manifest["generation"].update(block_length=8, cache="dual", threshold=0.5)
+    (art / "qdllm.json").write_text(json.dumps(manifest))
+    s = Server(art)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["shakespeare-2bit"]
+        messages = [{"role": "user", "content": "Who is there?"}]
+        chunks = client.chat.completions.create(model="shakespeare-2bit", messages=messages, max_tokens=32,
+                                                stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        code, log = s.stop()
+    ref = LLM(art, device="cpu", dtype=torch.float32).chat(
+        messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
+    assert text == ref.text and text
+    assert code == 0 and "Traceback" not in log

@@ -1,0 +1,262 @@
+"""End to end: generated tokens/s, request latency and peak device memory on the same engine for
+  a. dense, cache none, the linear schedule with one token per step (LLaDA's reference generate());
+  b. dense, prefix cache, threshold 0.9 (the Fast-dLLM recipe);
+  c. 2-bit packed, prefix cache, threshold 0.9;
+  d. 2-bit packed, dual cache, threshold 0.9.
+
+    python benchmarks/e2e.py --shape llada-8b                 # a GPU: random weights in LLaDA-8B's shapes
+    python benchmarks/e2e.py --model assets/llada-shakespeare --artifact build/shakespeare-2bit   # a CPU
+
+With random weights (--shape) no token reaches a confidence threshold, and timing does not depend on the
+weight values, so b-d commit a synthetic `--tokens-per-step` K instead: the linear schedule with
+steps = gen / K. With real weights (--model/--artifact) they use the threshold itself. Tokens/s counts
+generated tokens only (never the prompt) over the wall time of the whole batch. The record also holds a
+what-fits-where table: weight and KV bytes, and a bandwidth-bound decode estimate per device.
+Writes JSON and a PNG to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common import environment, random_weight
+from shakespeare import speeches
+from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
+from qdllm.engine.loader import resolve_device
+from qdllm.engine.quant_linear import QuantLinear
+from qdllm.engine.tokenizer import chat_prompt, end_token_ids
+
+SHAPES = {  # LLaDA-8B's config.json (FACTS.md), and a small one to try the script on a CPU
+    "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden=12288,
+                     rope_theta=500000.0, norm_eps=1e-5, mask_token_id=126336, eos_token_ids=(126081,),
+                     max_seq_len=4096),
+    "llada-small": dict(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden=1536,
+                        rope_theta=500000.0, norm_eps=1e-5, mask_token_id=3, eos_token_ids=(2,), max_seq_len=1024),
+}
+# Memory bandwidth (FACTS.md) and memory of the devices in the what-fits-where table.
+# The 8 and 16 GB cards' bandwidths are NVIDIA's specifications for the RTX 4060 and RTX 4080.
+DEVICES = {"RTX 4090 (24 GB)": (1.0e12, 24), "RTX 4080 (16 GB)": (0.717e12, 16), "RTX 4060 (8 GB)": (0.272e12, 8),
+           "Jetson AGX Orin (64 GB)": (204.8e9, 64), "Jetson Orin Nano 8GB": (102e9, 8),
+           "H100 SXM (80 GB, copy-measured 3.0 TB/s)": (3.0e12, 80)}
+CONFIGS = {"a": ("dense", "none", False), "b": ("dense", "prefix", True), "c": ("2bit", "prefix", True),
+           "d": ("2bit", "dual", True)}
+
+
+def random_model(cfg: ModelConfig, packed: bool, device: torch.device, dtype: torch.dtype, backend: str,
+                 block_size: int = 128) -> DiffusionLM:
+    """Random weights; with `packed`, every decoder linear is a random 2-bit BCQ weight (never dense on the
+    device, so the peak memory is the packed model's)."""
+    with torch.device("meta"):
+        model = DiffusionLM(cfg)
+    if packed:
+        for i, layer in enumerate(model.layers):
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+                lin = getattr(layer, name)
+                w = random_weight(lin.out_features, lin.in_features, block_size, 1000 * i + j, device)
+                setattr(layer, name, QuantLinear(w, backend))
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0, 0.02, generator=gen)
+    return model.eval().requires_grad_(False)
+
+
+def run(model: DiffusionLM, detok: Detokenizer, prompts: list[list[int]], params: SamplingParams) -> dict:
+    core = EngineCore(model, detok, max_num_seqs=len(prompts), max_batch_tokens=1 << 30)
+    ids = [core.add_request(p, params) for p in prompts]
+    cuda = model.embed.weight.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    final = {}
+    while core.has_unfinished():
+        final.update((o.request_id, o) for o in core.step() if o.finished)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    outs = [final[i] for i in ids]
+    return {"wall_s": wall, "tokens": sum(len(o.token_ids) for o in outs),
+            "latency_s": statistics.median(o.stats.latency_s for o in outs), "nfe": statistics.mean(o.nfe for o in outs)}
+
+
+def effective_bits(weights: list) -> float:
+    """Stored bits per weight over packed linears, scales included."""
+    return sum(w.effective_bits * w.out_features * w.in_features for w in weights) / sum(
+        w.out_features * w.in_features for w in weights)
+
+
+def random_bits(cfg: ModelConfig, block_size: int = 128) -> float:
+    """Effective bits of one decoder layer of random packed weights (all layers are alike), built on the CPU."""
+    shapes = [(cfg.d_model, cfg.d_model)] * 4 + [(cfg.mlp_hidden, cfg.d_model)] * 2 + [(cfg.d_model, cfg.mlp_hidden)]
+    return effective_bits([random_weight(n, k, block_size, i, torch.device("cpu")) for i, (n, k) in enumerate(shapes)])
+
+
+def fits_table(cfg: ModelConfig, b_eff: float, prompt: int, gen: int) -> list[dict]:
+    """Weight and KV bytes at batch 1, and the bandwidth bound on forwards/s: each forward reads every weight
+    and the sequence's KV once (threshold decoding multiplies tokens/s by the tokens committed per forward)."""
+    linears = cfg.n_layers * (4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.mlp_hidden)
+    table = cfg.vocab_size * cfg.d_model * 2  # the fp16 embedding, and the LM head as large again
+    kv = 2 * cfg.n_layers * (prompt + gen) * cfg.n_kv_heads * (cfg.d_model // cfg.n_heads) * 2
+    rows = []
+    for name, (bandwidth, gb) in DEVICES.items():
+        for kind, lin in (("fp16", linears * 2), ("2bit", linears * b_eff / 8)):
+            stored = lin + 2 * table
+            read = lin + table + kv  # a forward reads a few embedding rows, the whole LM head and the KV
+            rows.append({"device": name, "memory_gb": gb, "weights": kind, "weight_gb": stored / 1e9,
+                         "kv_gb_per_sequence": kv / 1e9, "fits_batch_1": (stored + kv) / 1e9 < gb * 0.9,
+                         "forwards_per_s_bound": bandwidth / read})
+    return rows
+
+
+def plot(file: Path, record: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["results"]
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(CONFIGS)
+    for i, key in enumerate(CONFIGS):
+        med = [next(r["tokens_per_s"]["median"] for r in rows if r["config"] == key and r["batch"] == b)
+               for b in batches]
+        label = next(r["label"] for r in rows if r["config"] == key)
+        ax.bar([x + i * width for x in range(len(batches))], med, width, label=label)
+    ax.set_xticks([x + width * (len(CONFIGS) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("generated tokens/s (median)")
+    env, s = record["environment"], record["settings"]
+    ax.set_title(f"qdllm end to end, {s['model']}, gen {s['gen']}, block {s['block']}\n{env['device']}, {env['date']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, default=None, help="random weights of this shape")
+    ap.add_argument("--model", default=None, help="a dense checkpoint (with --artifact: its 2-bit artifact)")
+    ap.add_argument("--artifact", default=None)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens with --shape")
+    ap.add_argument("--batch", default="1,4,16")
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--tokens-per-step", type=int, default=4, help="synthetic commits per step with --shape")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="dense dtype (default float16 on GPU, float32 on CPU)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--fits-only", action="store_true", help="with --shape: print the what-fits-where table only")
+    ap.add_argument("--out", default="benchmarks/results/e2e")
+    args = ap.parse_args()
+    if (args.shape is None) == (args.model is None) or (args.model is not None) != (args.artifact is not None):
+        ap.error("give --shape, or --model with --artifact")
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.shape:
+        cfg = ModelConfig(family="llada", **SHAPES[args.shape])
+        detok = Detokenizer(None, frozenset())
+        gen = torch.Generator().manual_seed(0)
+        prompt_pool = [torch.randint(0, cfg.mask_token_id, (args.prompt_len,), generator=gen).tolist()
+                       for _ in range(max(batches))]
+        build = {"dense": lambda: random_model(cfg, False, device, dtype, args.backend),
+                 "2bit": lambda: random_model(cfg, True, device, dtype, args.backend)}
+        b_eff = random_bits(cfg)
+    else:
+        tok = load_tokenizer(args.model)
+        build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype),
+                 "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}
+        cfg = build["dense"]().config
+        detok = Detokenizer(tok, end_token_ids(tok, cfg.eos_token_ids))
+        prompt_pool = [chat_prompt(tok, [{"role": "user", "content": s}])
+                       for s in speeches(Path(args.model) / "data" / "test.txt", max(batches))]
+
+    if args.fits_only:
+        if not args.shape:
+            ap.error("--fits-only needs --shape")
+        table = fits_table(cfg, b_eff, args.prompt_len, args.gen)
+        print(f"{args.shape}: {b_eff:.3f} effective bits; prompt {args.prompt_len} + gen {args.gen} tokens")
+        for r in table:
+            print(f"{r['device']:>40} {r['weights']:>5}: weights {r['weight_gb']:6.2f} GB + KV {r['kv_gb_per_sequence']:.2f}"
+                  f" GB, fits: {'yes' if r['fits_batch_1'] else 'no'}, <= {r['forwards_per_s_bound']:.1f} forwards/s")
+        return
+
+    def params(cache: str, fast: bool) -> SamplingParams:
+        common = dict(max_tokens=args.gen, block_length=args.block, ignore_eos=True)
+        if not fast:
+            return SamplingParams(steps=args.gen, **common)
+        if args.shape:  # synthetic: K tokens per step, the linear schedule
+            return SamplingParams(steps=args.gen // args.tokens_per_step, cache=cache, **common)
+        return SamplingParams(threshold=args.threshold, cache=cache, **common)
+
+    results = []
+    bar = tqdm(total=len(CONFIGS) * len(batches), desc="e2e benchmark", unit="config")
+    for weights in ("dense", "2bit"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = build[weights]()
+        if weights == "2bit" and not args.shape:
+            b_eff = effective_bits([m.weight_packed for m in model.modules() if isinstance(m, QuantLinear)])
+        for key, (kind, cache, fast) in CONFIGS.items():
+            if kind != weights:
+                continue
+            for batch in batches:
+                prompts = prompt_pool[:batch]
+                sp = params(cache, fast)
+                run(model, detok, prompts, sp)  # warm-up: kernel autotuning, allocator, pool
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                runs = [run(model, detok, prompts, sp) for _ in range(args.repeats)]
+                rates = sorted(r["tokens"] / r["wall_s"] for r in runs)
+                label = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
+                         "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}[key]
+                results.append({
+                    "config": key, "label": label, "weights": weights, "cache": cache, "batch": batch,
+                    "sampling": dataclasses.asdict(sp),
+                    "tokens_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]},
+                    "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+                bar.update()
+        del model
+    bar.close()
+    for r in results:
+        base = next(x for x in results if x["config"] == "a" and x["batch"] == r["batch"])
+        fast = next(x for x in results if x["config"] == "b" and x["batch"] == r["batch"])
+        r["speedup_vs_a"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
+        r["speedup_vs_b"] = r["tokens_per_s"]["median"] / fast["tokens_per_s"]["median"]
+    prompt_len = args.prompt_len if args.shape else max(len(p) for p in prompt_pool)
+    record = {"benchmark": "e2e", "environment": environment(device),
+              "settings": {"model": args.shape or args.model, "artifact": args.artifact, "gen": args.gen,
+                           "block": args.block, "batches": batches, "threshold": args.threshold,
+                           "tokens_per_step": args.tokens_per_step if args.shape else None,
+                           "repeats": args.repeats, "dense_dtype": str(dtype), "backend": args.backend,
+                           "prompt_tokens": prompt_len, "weights": "random" if args.shape else "trained",
+                           "effective_bits": b_eff},
+              "results": results,
+              "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
+    out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    plot(out.with_suffix(".png"), record)
+    for r in results:
+        mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
+        print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "
+              f"(x{r['speedup_vs_a']:.2f} vs a, x{r['speedup_vs_b']:.2f} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
