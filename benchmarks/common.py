@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import platform
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -21,6 +24,14 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "commit": git_commit(), "date": datetime.date.today().isoformat()}
+
+
+def write_results(out: Path, record: dict, plot: Callable[[Path, dict], None]) -> None:
+    """OUT.json (the record) and OUT.png (its plot)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    plot(out.with_suffix(".png"), record)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def git_commit() -> str:

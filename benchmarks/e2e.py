@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import environment, random_weight
+from common import environment, random_weight, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.loader import resolve_device
@@ -248,14 +247,11 @@ def main() -> None:
               "results": results,
               "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
     out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    plot(out.with_suffix(".png"), record)
+    write_results(out, record, plot)
     for r in results:
         mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
         print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "
               f"(x{r['speedup_vs_a']:.2f} vs a, x{r['speedup_vs_b']:.2f} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import environment
+from common import environment, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.loader import resolve_device
@@ -128,15 +127,12 @@ def main() -> None:
                            "thresholds": thresholds, "prompt_tokens": [len(p) for p in prompts]},
               "results": results}
     out = Path(args.out + f"-{device.type}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(out.with_suffix(".png"), record)
+    write_results(out, record, plot)
     for r in results:
         print(f"{r['label']:>20} batch {r['batch']:>2}: {r['tokens_per_s']['median']:7.1f} tok/s "
               f"(min {r['tokens_per_s']['min']:.1f}, max {r['tokens_per_s']['max']:.1f}), "
               f"nfe/request {r['nfe_per_request']:.1f}, agreement {r['agreement_with_reference']:.3f}, "
               f"first divergence median {statistics.median(r['first_divergence'])}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from common import environment
+from common import environment, write_results
 from qdllm.engine.loader import resolve_device
 from shakespeare import speeches
 
@@ -180,14 +180,11 @@ def main() -> None:
               "results": results,
               "server_metrics_tail": [line for line in metrics.splitlines() if line.startswith("qdllm_engine")]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(out.with_suffix(".png"), record)
+    write_results(out, record, plot)
     for r in results:
         print(f"{r['clients']:>3} clients: {r['requests_per_s']['median']:6.2f} req/s, "
               f"{r['tokens_per_s']['median']:7.1f} tok/s, latency p50 {r['latency_s']['p50']:.2f} s "
               f"p99 {r['latency_s']['p99']:.2f} s, errors {r['errors']}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
