@@ -20,7 +20,7 @@ from .kv_cache import KVPool
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
 from .sampling import SamplingParams
-from .sequence import Sequence, Window, block_layout
+from .sequence import Sequence, Window, block_layout, footprint
 
 
 @dataclass
@@ -92,14 +92,14 @@ class EngineCore:
         if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab for t in prompt):
             raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
         block, n_blocks = block_layout(params)
-        length = len(prompt) + block * n_blocks
+        rows, length = footprint(len(prompt), params)
         if length > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
                              f"up to whole blocks) exceeds the model's context of {self.max_model_len} tokens")
         if params.steps is not None and params.threshold is None and params.steps < n_blocks:
             raise ValueError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
                              f"({n_blocks})")
-        if (2 if params.cfg_scale > 0 else 1) > self.max_num_seqs:
+        if rows > self.max_num_seqs:
             raise ValueError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}")
         if params.stop and self.detok.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
@@ -180,9 +180,8 @@ class EngineCore:
         busy = sum(r.seq.rows * r.seq.length for r in self.running)
         while self.waiting:
             r = self.waiting[0]
-            rows = 2 if r.params.cfg_scale > 0 else 1
-            block, n_blocks = block_layout(r.params)
-            tokens = rows * (len(r.prompt) + block * n_blocks)
+            rows, length = footprint(len(r.prompt), r.params)
+            tokens = rows * length
             if rows > len(self.free_slots) or (self.running and busy + tokens > self.max_batch_tokens):
                 break
             self.waiting.popleft()

@@ -28,6 +28,13 @@ def block_layout(params: SamplingParams) -> tuple[int, int]:
     return block, math.ceil(params.max_tokens / block)
 
 
+def footprint(prompt_len: int, params: SamplingParams) -> tuple[int, int]:
+    """(rows, length): the canvas rows a request feeds per step (CFG adds an unconditional row), and the
+    tokens of each row, prompt plus canvas."""
+    block, n_blocks = block_layout(params)
+    return (2 if params.cfg_scale > 0 else 1), prompt_len + block * n_blocks
+
+
 @dataclass(frozen=True)
 class Window:
     """The tokens one step feeds: positions [lo, hi) of the sequence, and the block [start, end) whose
@@ -47,14 +54,13 @@ class Sequence:
         self.mask = cfg.mask_token_id
         self.shift = int(cfg.shift_logits)  # Dream reads position i from hidden state i-1
         self.block, self.n_blocks = block_layout(params)
-        self.length = self.prompt_len + self.block * self.n_blocks
+        self.rows, self.length = footprint(self.prompt_len, params)  # CFG's second row masks the prompt
         self.x = torch.full((self.length,), self.mask, dtype=torch.long, device=device)
         self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long, device=device)
         self.gen = torch.Generator(device)
         self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
         self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
         self.block_steps = split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
-        self.rows = 2 if params.cfg_scale > 0 else 1  # CFG adds an unconditional row
         self.nfe = 0
         self.b = -1
         self.next_block()
