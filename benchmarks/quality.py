@@ -5,7 +5,8 @@ baselines, Quant-dLLM and its ablations, against a unigram baseline.
 
 Each variant is converted by `qdllm-convert` (timed) from the model folder with its own calibration text
 (train split only), then scored by `qdllm-eval`'s estimator on the same test windows with the same mask
-seed, so differences between variants carry little Monte Carlo noise. The unigram baseline is fitted on
+seed, so differences between variants carry little Monte Carlo noise; each variant's NLL is also given as a
+paired difference from fp and gptq-2bit, with that difference's own standard error. The unigram baseline is fitted on
 the train split (add-one smoothing) and scored on the same tokens. Writes JSON and a PNG to
 benchmarks/results/.
 """
@@ -27,7 +28,7 @@ from common import environment
 from qdllm.engine import load_model, load_tokenizer
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.corpus import read_texts, token_stream
-from qdllm.engine.evaluate import evaluate
+from qdllm.engine.evaluate import Estimate, difference, evaluate
 from qdllm.engine.loader import resolve_device
 from qdllm.quantizer.cli import main as convert
 
@@ -36,10 +37,15 @@ VARIANTS: dict[str, list[str] | None] = {  # label -> qdllm-convert flags (None:
     "rtn-2bit": ["--method", "rtn"],
     "gptq-2bit": ["--method", "gptq"],
     "quant-dllm-2bit": [],
+    "quant-dllm-paper-daq": ["--refine-rounds", "0"],
     "quant-dllm-no-mcs": ["--no-mcs"],
     "quant-dllm-no-abmp": ["--abmp-ratio", "0"],
     "quant-dllm-naive-daq": ["--naive-daq"],
 }
+
+# Every later variant's NLL is also given as a difference from these, sample by sample on the same masks:
+# far less noisy than comparing two bounds, each of which carries the full Monte Carlo error.
+PAIRED_WITH = ("fp", "gptq-2bit")
 
 
 def unigram_nll(train: list[int], test: list[int], vocab: int) -> float:
@@ -86,6 +92,7 @@ def main() -> None:
     test = token_stream(tok, read_texts(data), tok.eos_token_id)
     train = token_stream(tok, list(shakespeare.load_split("train").values()), tok.eos_token_id)
     uni = unigram_nll(train, test, len(tok))
+    estimates: dict[str, Estimate] = {}
     results: dict[str, dict] = {"unigram": {"nll_per_token": uni, "ppl": math.exp(uni), "fitted_on": "train split"}}
     labels = args.variants.split(",")
     unknown = [v for v in labels if v not in VARIANTS]
@@ -106,10 +113,13 @@ def main() -> None:
         start = time.time()
         model = load_model(path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
         seqlen = min(model.config.max_seq_len, 1024)
-        nll, se, windows = evaluate(model, test, seqlen, args.mc, args.seed, args.batch_size)
+        est = estimates[label] = evaluate(model, test, seqlen, args.mc, args.seed, args.batch_size)
+        nll, se = est.nll_per_token, est.stderr
+        paired = {ref: dict(zip(("nll_difference", "stderr"), difference(est, estimates[ref])))
+                  for ref in PAIRED_WITH if ref in estimates and ref != label}
         results[label] = {**entry, "nll_per_token": nll, "nll_stderr": se, "ppl": math.exp(nll),
-                          "ppl_stderr": math.exp(nll) * se, "windows": windows, "seqlen": seqlen,
-                          "eval_seconds": round(time.time() - start, 1)}
+                          "ppl_stderr": math.exp(nll) * se, "paired": paired, "windows": est.windows,
+                          "seqlen": seqlen, "eval_seconds": round(time.time() - start, 1)}
         tqdm.write(f"{label}: perplexity bound {math.exp(nll):.2f} ± {math.exp(nll) * se:.2f}")
         record = {"model": str(args.model), "data": str(data), "tokens": len(test), "mc": args.mc,
                   "seed": args.seed, "results": results, "environment": environment(device)}

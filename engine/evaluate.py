@@ -29,13 +29,6 @@ from .model import DiffusionLM
 from .tokenizer import load_tokenizer
 
 
-@dataclass
-class WindowNLL:
-    tokens: int
-    nll: float  # the estimate of the bound on -log p(window), in nats
-    var: float  # the variance of that estimate (iid formula over its samples: an over-estimate)
-
-
 def mask_counts(L: int, mc: int, gen: torch.Generator) -> torch.Tensor:
     """Stratified mask counts in 1..L: mc evenly spaced points from a uniform offset in [0, L), wrapped.
     Each count is then exactly uniform. (LLaDA starts at a random integer and rounds half to even, which
@@ -53,9 +46,10 @@ def random_masks(counts: torch.Tensor, L: int, gen: torch.Generator) -> torch.Te
 
 @torch.no_grad()
 def windows_nll(model: DiffusionLM, xs: torch.Tensor, mc: int, gens: list[torch.Generator],
-                batch_size: int) -> list[WindowNLL]:
-    """Monte Carlo estimates of the bound for equal-length windows xs [W, L], one generator each. The
-    W·mc masked copies go through the model batch_size rows at a time, so a small mc still fills a batch."""
+                batch_size: int) -> torch.Tensor:
+    """Monte Carlo samples of the bound on -log p(window), in nats, for equal-length windows xs [W, L], one
+    generator each: float64 [W, mc]. The W·mc masked copies go through the model batch_size rows at a
+    time, so a small mc still fills a batch."""
     W, L = xs.shape
     counts = [mask_counts(L, mc, g) for g in gens]
     masks = torch.cat([random_masks(c, L, g) for c, g in zip(counts, gens)])
@@ -68,9 +62,7 @@ def windows_nll(model: DiffusionLM, xs: torch.Tensor, mc: int, gens: list[torch.
         logits = model(torch.where(m, model.config.mask_token_id, x))
         ce = F.cross_entropy(logits.double().transpose(1, 2), x, reduction="none")
         samples[lo:lo + len(m)] = ((ce * m).sum(1) * L / counts[lo:lo + len(m)].to(device)).cpu()
-    samples = samples.view(W, mc)
-    var = samples.var(dim=1) / mc if mc > 1 else torch.full((W,), math.nan, dtype=torch.float64)
-    return [WindowNLL(tokens=L, nll=s.mean().item(), var=v.item()) for s, v in zip(samples, var)]
+    return samples.view(W, mc)
 
 
 def windows(ids: list[int], seqlen: int) -> list[torch.Tensor]:
@@ -98,22 +90,56 @@ class Result:
     estimator: str = "stratified mask counts (LLaDA get_log_likelihood)"
 
 
+@dataclass
+class Estimate:
+    """The bound over a token stream, kept per Monte Carlo sample: two models scored with the same seed
+    see the same masks, so `difference` can compare them sample by sample."""
+    tokens: torch.Tensor   # int64 [windows]
+    samples: torch.Tensor  # float64 [windows, mc]: each sample's estimate of its window's bound, nats
+
+    @property
+    def windows(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nll_per_token(self) -> float:
+        return (self.samples.mean(1).sum() / self.tokens.sum()).item()
+
+    @property
+    def stderr(self) -> float:
+        """Monte Carlo standard error of nll_per_token (iid formula per window: an over-estimate); NaN at mc 1."""
+        return _stderr(self.samples, self.tokens)
+
+
+def _stderr(samples: torch.Tensor, tokens: torch.Tensor) -> float:
+    if samples.shape[1] < 2:
+        return math.nan
+    return (samples.var(dim=1).sum() / samples.shape[1]).sqrt().item() / tokens.sum().item()
+
+
+def difference(a: Estimate, b: Estimate) -> tuple[float, float]:
+    """(a − b) in NLL per token, and its Monte Carlo standard error from the per-sample differences.
+    Both must come from the same token stream, seqlen, mc and seed (so the same masks)."""
+    if not torch.equal(a.tokens, b.tokens) or a.samples.shape != b.samples.shape:
+        raise ValueError("difference: the estimates come from different windows or mc")
+    return a.nll_per_token - b.nll_per_token, _stderr(a.samples - b.samples, a.tokens)
+
+
 def evaluate(model: DiffusionLM, ids: list[int], seqlen: int, mc: int, seed: int, batch_size: int = 32,
-             progress: bool = True) -> tuple[float, float, int]:
-    """(NLL bound per token, its standard error, windows) over a token stream."""
+             progress: bool = True) -> Estimate:
+    """The bound over a token stream, window by window; window w's masks come from seed and w alone."""
     parts = windows(ids, seqlen)
     full, per_batch = len(ids) // seqlen, max(1, batch_size // mc)  # only the last window may be shorter
     groups = [range(lo, min(lo + per_batch, full)) for lo in range(0, full, per_batch)]
     groups += [[full]] if len(parts) > full else []
-    tokens, nll, var = 0, 0.0, 0.0
+    samples = []
     bar = tqdm(total=len(parts), desc="qdllm-eval", unit="window", disable=not progress)
     for group in groups:
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + w) for w in group]
-        for r in windows_nll(model, torch.stack([parts[w] for w in group]), mc, gens, batch_size):
-            tokens, nll, var = tokens + r.tokens, nll + r.nll, var + r.var
+        samples.append(windows_nll(model, torch.stack([parts[w] for w in group]), mc, gens, batch_size))
         bar.update(len(group))
     bar.close()
-    return nll / tokens, math.sqrt(var) / tokens, len(parts)
+    return Estimate(torch.tensor([len(w) for w in parts]), torch.cat(samples))
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -131,10 +157,11 @@ def run(args: argparse.Namespace) -> Result:
     ids = token_stream(tokenizer, texts, cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
     if cfg.mask_token_id in ids:
         raise DataError(f"{args.data}: the text contains the mask token; it cannot be scored")
-    nll, se, n_windows = evaluate(model, ids, seqlen, args.mc, args.seed, args.batch_size)
+    est = evaluate(model, ids, seqlen, args.mc, args.seed, args.batch_size)
+    nll, se = est.nll_per_token, est.stderr
     return Result(model=str(args.model), data=str(args.data),
                   data_sha256=sha256_file(args.data), tokens=len(ids),
-                  windows=n_windows, seqlen=seqlen, mc=args.mc, seed=args.seed,
+                  windows=est.windows, seqlen=seqlen, mc=args.mc, seed=args.seed,
                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=str(device),
                   nll_per_token=nll, nll_stderr=None if math.isnan(se) else se, ppl_bound=math.exp(nll),
                   ppl_stderr=None if math.isnan(se) else math.exp(nll) * se,

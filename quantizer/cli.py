@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix-ratio", type=bounded(float, "--prefix-ratio", 0.0, 1.0), default=0.25,
                     help="MCS: leading share of each window never masked (default 0.25)")
     ap.add_argument("--naive-daq", action="store_true", help="DAQ without salience weights or refinement (ablation)")
+    ap.add_argument("--refine-rounds", type=bounded(int, "--refine-rounds", 0, 20), default=None,
+                    help="rounds of DAQ's output-aware refinement, a qdllm addition (default 3; 0 = the paper's DAQ)")
     ap.add_argument("--calib", type=Path, default=None,
                     help="calibration text: plain text, or .jsonl with a 'text' field "
                          "(default: SRC/data/calibration.txt)")
@@ -64,10 +66,12 @@ def method_of(args: argparse.Namespace, family: str) -> Method:
             raise ValueError(f"--bits must be 2 for quant-dllm (1 to 3 binary planes per block, 2 on average), "
                              f"got {args.bits}")
         ratio = ABMP_DEFAULT[family] if args.abmp_ratio is None else args.abmp_ratio
-        return Method("quant-dllm", 2, args.block_size, ratio, args.naive_daq)
+        rounds = 3 if args.refine_rounds is None else args.refine_rounds
+        return Method("quant-dllm", 2, args.block_size, ratio, args.naive_daq, refine_rounds=rounds)
     if args.bits < 2:
         raise ValueError(f"--bits must be 2..8 for {args.method}, got {args.bits}")
-    for flag, given in (("--abmp-ratio", args.abmp_ratio is not None), ("--naive-daq", args.naive_daq)):
+    for flag, given in (("--abmp-ratio", args.abmp_ratio is not None), ("--naive-daq", args.naive_daq),
+                        ("--refine-rounds", args.refine_rounds is not None)):
         if given:
             raise ValueError(f"{flag} applies to --method quant-dllm only")
     return Method(args.method, args.bits, args.block_size)
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> Path:
         "quantization": {"method": method.name, "bits": method.bits, "block_size": method.block_size,
                          "abmp_ratio": method.abmp_ratio if method.name == "quant-dllm" else None,
                          "naive_daq": method.naive_daq, "daq_iterations": method.iterations,
+                         "refine_rounds": method.refine_rounds if method.name == "quant-dllm" else None,
                          "percdamp": method.percdamp,
                          "storage": "bcq" if method.name == "quant-dllm" else "dense-fp16"},
         "calibration": {"source": str(calib), "sha256": sha256_file(calib), "nsamples": args.nsamples,

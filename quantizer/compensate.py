@@ -1,17 +1,14 @@
-"""The GPTQ-style block loop: quantize W one column block at a time and let the later columns absorb
-each block's error, and Quant-dLLM's per-linear driver (ABMP orders + DAQ per block) built on it."""
+"""The GPTQ-style loops: quantize W one column block at a time and let the later columns absorb each
+block's error (`compensate`), and, inside a block, one column at a time (`column_pass`)."""
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-
-from .abmp import abmp_orders
-from .daq import BlockCode, daq_block
-from .hessian import inverse_cholesky
 
 # (block index b, W_b [N, G] as compensated so far, U_bb [G, G]) -> (Q_b, Err_b, code).
 # Err_b [N, G] is the block's error in U's coordinates; the callee must not modify W_b.
 BlockQuantizer = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, object]]
+# (column i, the block as updated so far [N, G]) -> column i quantized [N].
+ColumnQuantizer = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def compensate(W: torch.Tensor, U: torch.Tensor, quantize_block: BlockQuantizer,
@@ -37,41 +34,15 @@ def compensate(W: torch.Tensor, U: torch.Tensor, quantize_block: BlockQuantizer,
     return Q, codes
 
 
-@dataclass
-class QuantDllmResult:
-    """One linear quantized by Quant-dLLM."""
-    weight: torch.Tensor   # Q [N, K] fp32: what the packed layer computes with
-    codes: list[BlockCode]  # one per block, in column order
-    orders: torch.Tensor   # int64 [nb], from ABMP
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Every stored bit per weight: one sign per weight and (N + G) fp16 scales per plane."""
-        n, k = self.weight.shape
-        g = k // len(self.codes)
-        return int(self.orders.sum()) * (n * g + 16 * (n + g)) / (n * k)
-
-
-def quant_dllm(W: torch.Tensor, H: torch.Tensor, block_size: int = 128, abmp_ratio: float = 0.05,
-               iters: int = 15, naive: bool = False, percdamp: float = 0.01) -> QuantDllmResult:
-    """Quantize one linear W [N, K] with calibration second moment H [K, K] on H's device.
-
-    The ABMP orders come from the original W and U, before any compensation. Each block is quantized
-    by DAQ with its order in one go; its error is then pushed on as GPTQ's column loop would push it with
-    Q_b fixed (as the released ARB-LLM/BiLLM code does): column i's error, after the updates from the
-    block's earlier columns, is err_i = (w_i − q_i)/U_ii, which solves Err_b · U_bb = W_b − Q_b. The
-    simpler (W_b − Q_b)/diag(U_bb) drops the within-block terms and loses accuracy on correlated inputs.
-    """
-    U, dead = inverse_cholesky(H, percdamp)
-    W = W.to(U.device, torch.float32, copy=True)
-    W[:, dead] = 0.0
-    orders = abmp_orders(W, U.diagonal(), block_size, abmp_ratio)
-    order_list = orders.tolist()
-
-    def daq(b: int, Wb: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, BlockCode]:
-        d = Ubb.diagonal()
-        code, Qb = daq_block(Wb, d, order_list[b], iters, naive)
-        return Qb, torch.linalg.solve_triangular(Ubb, Wb - Qb, upper=True, left=False), code
-
-    Q, codes = compensate(W, U, daq, block_size)
-    return QuantDllmResult(Q, codes, orders)
+def column_pass(Wb: torch.Tensor, Ubb: torch.Tensor, quantize_column: ColumnQuantizer
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's loop inside one block: quantize column i only after the errors of the block's earlier
+    columns were pushed onto it. Returns (Q_b, Err_b); Err_b in U's coordinates, as `compensate` wants.
+    W_b is not modified."""
+    Wb = Wb.clone()
+    Q, err = torch.empty_like(Wb), torch.empty_like(Wb)
+    for i in range(Wb.shape[1]):
+        Q[:, i] = quantize_column(i, Wb)
+        err[:, i] = (Wb[:, i] - Q[:, i]) / Ubb[i, i]
+        Wb[:, i + 1:] -= err[:, i, None] * Ubb[i, i + 1:]
+    return Q, err

@@ -41,6 +41,12 @@ def reconstruct(alpha_r: torch.Tensor, alpha_c: torch.Tensor, B: torch.Tensor) -
     return (alpha_r[:, :, None] * alpha_c[:, None, :] * B).sum(0)
 
 
+def sign_patterns(order: int, device: torch.device) -> torch.Tensor:
+    """All 2^order sign patterns, [2^order, order] of ±1; pattern 0 is all +1, then binary counting."""
+    bits = (torch.arange(2 ** order, device=device)[:, None] >> torch.arange(order, device=device)) & 1
+    return 1.0 - 2.0 * bits.float()
+
+
 def update_signs(W: torch.Tensor, alpha_r: torch.Tensor, alpha_c: torch.Tensor) -> torch.Tensor:
     """Signs [o, N, G] (±1): per element the pattern s ∈ {±1}^o minimising |W − Σ_k s_k α_r[k] α_c[k]|.
 
@@ -48,9 +54,7 @@ def update_signs(W: torch.Tensor, alpha_r: torch.Tensor, alpha_c: torch.Tensor) 
     does not move an element's minimiser, so this is the exact joint optimum for any M. Ties go to the
     pattern with the most leading +1 signs.
     """
-    o = alpha_r.shape[0]
-    bits = (torch.arange(2 ** o, device=W.device)[:, None] >> torch.arange(o, device=W.device)) & 1
-    patterns = 1.0 - 2.0 * bits.float()                               # [2^o, o]; pattern 0 is all +1
+    patterns = sign_patterns(alpha_r.shape[0], W.device)
     scale = alpha_r[:, :, None] * alpha_c[:, None, :]                # [o, N, G]
     candidates = torch.einsum("pk,kng->png", patterns, scale)        # [2^o, N, G]
     best = (W - candidates).abs().argmin(0)                          # [N, G]

@@ -11,7 +11,7 @@ from torch import Tensor
 from qdllm.kernels.pack import BCQWeight, pack
 from qdllm.kernels.reference import dequantize
 
-from .compensate import quant_dllm
+from .quant_dllm import quant_dllm
 from .uniform import gptq, rtn
 
 METHODS = ("quant-dllm", "gptq", "rtn")
@@ -47,6 +47,7 @@ class Method:
     naive_daq: bool = False
     iterations: int = 15
     percdamp: float = 0.01
+    refine_rounds: int = 3
 
     @property
     def needs_calibration(self) -> bool:
@@ -59,5 +60,6 @@ class Method:
         if self.name == "gptq":
             r = gptq(W, H, self.bits, self.block_size, self.block_size, self.percdamp)
             return dense(r.weight, r.bits_per_weight)
-        r = quant_dllm(W, H, self.block_size, self.abmp_ratio, self.iterations, self.naive_daq, self.percdamp)
+        r = quant_dllm(W, H, self.block_size, self.abmp_ratio, self.iterations, self.naive_daq, self.percdamp,
+                       self.refine_rounds)
         return packed(pack([(c.signs, c.alpha_r, c.alpha_c) for c in r.codes]))

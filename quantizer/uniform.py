@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compensate import compensate
+from .compensate import column_pass, compensate
 from .hessian import inverse_cholesky
 
 
@@ -57,15 +57,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 2, group_size: int = 128,
     W[:, dead] = 0.0
 
     def columns(b: int, Wb: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        Wb = Wb.clone()
-        Q, err = torch.empty_like(Wb), torch.empty_like(Wb)
-        for i in range(Wb.shape[1]):
+        params: list[torch.Tensor] = []
+
+        def column(i: int, live: torch.Tensor) -> torch.Tensor:
             if i % group_size == 0:
-                lo, step = _group_params(Wb[:, i:i + group_size], bits)
-            Q[:, i] = _fake_quant(Wb[:, i], lo[:, 0], step[:, 0], bits)
-            err[:, i] = (Wb[:, i] - Q[:, i]) / Ubb[i, i]
-            Wb[:, i + 1:] -= err[:, i, None] * Ubb[i, i + 1:]
-        return Q, err, None
+                params[:] = _group_params(live[:, i:i + group_size], bits)
+            lo, step = params
+            return _fake_quant(live[:, i], lo[:, 0], step[:, 0], bits)
+
+        return *column_pass(Wb, Ubb, column), None
 
     Q, _ = compensate(W, U, columns, block_size)
     return UniformResult(Q, _bits(bits, group_size))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qdllm.engine import load_model
 from qdllm.engine.corpus import DataError, read_texts
-from qdllm.engine.evaluate import evaluate, main, mask_counts, random_masks, windows_nll
+from qdllm.engine.evaluate import difference, evaluate, main, mask_counts, random_masks, windows_nll
 
 
 def exact_bound(model, x: torch.Tensor) -> float:
@@ -33,11 +33,11 @@ def test_estimator_is_unbiased_against_exact_enumeration_on_three_tokens(llada_d
     model = load_model(llada_dir, dtype=torch.float64)
     x = torch.tensor([5, 7, 6, 5, 5, 7])  # a 3-token vocabulary
     exact = exact_bound(model, x)
-    r, = windows_nll(model, x[None], mc=3000, gens=[torch.Generator().manual_seed(1)], batch_size=1000)
-    se = math.sqrt(r.var)
-    assert r.tokens == 6
+    samples = windows_nll(model, x[None], mc=3000, gens=[torch.Generator().manual_seed(1)], batch_size=1000)
+    assert samples.shape == (1, 3000)
+    nll, se = samples.mean().item(), samples.std().item() / math.sqrt(3000)
     assert se < 0.01 * exact
-    assert abs(r.nll - exact) < 4 * se, (r.nll, exact, se)
+    assert abs(nll - exact) < 4 * se, (nll, exact, se)
 
 
 def test_mask_counts_are_stratified_and_masks_have_those_counts():
@@ -56,9 +56,27 @@ def test_every_token_is_scored_once_and_the_seed_fixes_the_result(llada_dir):
     a = evaluate(model, ids, seqlen=16, mc=4, seed=0, progress=False)
     b = evaluate(model, ids, seqlen=16, mc=4, seed=0, progress=False, batch_size=3)
     c = evaluate(model, ids, seqlen=16, mc=4, seed=1, progress=False)
-    assert a[2] == 4  # 16 + 16 + 16 + 2 tokens
-    assert a[0] == pytest.approx(b[0], rel=1e-6)  # masks do not depend on the batching
-    assert a[0] != c[0]
+    assert a.windows == 4 and a.tokens.tolist() == [16, 16, 16, 2]
+    assert a.nll_per_token == pytest.approx(b.nll_per_token, rel=1e-6)  # masks do not depend on the batching
+    assert a.nll_per_token != c.nll_per_token
+    assert a.stderr > 0
+
+
+def test_paired_difference_cancels_the_shared_mask_noise(llada_dir):
+    """Two nearby models on the same masks: the paired standard error is far below either model's own."""
+    model = load_model(llada_dir, dtype=torch.float64)
+    ids = torch.randint(0, 120, (64,), generator=torch.Generator().manual_seed(4)).tolist()
+    a = evaluate(model, ids, seqlen=16, mc=8, seed=0, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    b = evaluate(model, ids, seqlen=16, mc=8, seed=0, progress=False)
+    d, se = difference(b, a)
+    assert d == pytest.approx(b.nll_per_token - a.nll_per_token)
+    assert 0 < se < 0.2 * min(a.stderr, b.stderr)
+    assert difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different windows"):
+        difference(a, evaluate(model, ids, seqlen=8, mc=8, seed=0, progress=False))
 
 
 def write_text(path, n: int = 40, seed: int = 0) -> None:

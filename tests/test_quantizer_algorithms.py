@@ -1,15 +1,16 @@
-"""Quant-dLLM's algorithms on small random data: MCS, H and U, ABMP, DAQ, the block compensation and
-the uniform baselines."""
+"""Quant-dLLM's algorithms on small random data: MCS, H and U, ABMP, DAQ and its refinement, the block
+compensation and the uniform baselines."""
 import math
 
 import pytest
 import torch
 
 from qdllm.quantizer.abmp import abmp_orders
-from qdllm.quantizer.compensate import quant_dllm
 from qdllm.quantizer.daq import daq_block, reconstruct, salience_weights, update_signs, weighted_error
 from qdllm.quantizer.hessian import HessianAccumulator, inverse_cholesky
 from qdllm.quantizer.mcs import mcs_batch
+from qdllm.quantizer.quant_dllm import quant_dllm
+from qdllm.quantizer.refine import assign_signs, block_error, refine_block, refit_scales
 from qdllm.quantizer.uniform import gptq, rtn
 
 MASK_ID = 999
@@ -163,7 +164,7 @@ def per_block(W: torch.Tensor, d: torch.Tensor, orders: torch.Tensor, G: int = 1
 
 def test_compensation_with_identity_h_is_per_block_quantization():
     W = torch.randn(16, 512, generator=torch.Generator().manual_seed(5))
-    res = quant_dllm(W, torch.eye(512), abmp_ratio=0.25)
+    res = quant_dllm(W, torch.eye(512), abmp_ratio=0.25, refine_rounds=0)
     assert sorted(res.orders.tolist()) == [1, 2, 2, 3]
     d = torch.full((512,), 1 / math.sqrt(1.01))
     torch.testing.assert_close(res.weight, per_block(W, d, res.orders), rtol=0, atol=0)
@@ -175,10 +176,72 @@ def test_compensation_lowers_output_error_on_correlated_inputs():
     X = correlated_inputs(1024, 512, 32, seed=6)
     H = 2 / 1024 * X.T @ X
     W = torch.randn(32, 512, generator=torch.Generator().manual_seed(7))
-    res = quant_dllm(W, H)
+    res = quant_dllm(W, H, refine_rounds=0)
     U, _ = inverse_cholesky(H)
     plain = per_block(W, U.diagonal(), res.orders)
     assert output_error(X, W, res.weight) < 0.75 * output_error(X, W, plain)
+
+
+# --- DAQ's output-aware refinement ---
+
+def correlated_block(seed: int, n: int = 32, g: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X, W_b, U_bb) for one block whose inputs are correlated."""
+    X = correlated_inputs(1024, g, 16, seed=seed)
+    W = torch.randn(n, g, generator=torch.Generator().manual_seed(seed + 1))
+    U, _ = inverse_cholesky(2 / 1024 * X.T @ X)
+    return X, W, U
+
+
+def test_sign_pass_without_feedback_is_the_joint_sign_update():
+    """With a diagonal U no error is fed forward, so each element takes its nearest level."""
+    W, _ = salient_block(11)
+    code, _ = daq_block(W, torch.ones(128), 3)
+    U = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(12)) + 0.5)
+    signs, Q, err = assign_signs(W, U, code.alpha_r, code.alpha_c)
+    assert torch.equal(signs, update_signs(W, code.alpha_r, code.alpha_c))
+    torch.testing.assert_close(Q, reconstruct(code.alpha_r, code.alpha_c, signs))
+    torch.testing.assert_close(err, (W - Q) / U.diagonal())
+
+
+def test_scale_refit_is_the_least_squares_optimum():
+    """After the refit, the output loss has zero gradient in the plane updated last, and is no higher."""
+    _, W, U = correlated_block(13)
+    code, _ = daq_block(W, U.diagonal(), 2)
+    signs = code.signs.float() * 2 - 1
+    Uinv = torch.linalg.solve_triangular(U, torch.eye(128), upper=True)
+
+    def loss(alpha_r: torch.Tensor, alpha_c: torch.Tensor) -> torch.Tensor:
+        return ((W - reconstruct(alpha_r, alpha_c, signs)) @ Uinv).square().sum()
+
+    alpha_r, alpha_c = refit_scales(W, Uinv @ Uinv.T, signs, code.alpha_r, code.alpha_c)
+    assert loss(alpha_r, alpha_c) < 0.9 * loss(code.alpha_r, code.alpha_c)
+    alpha_c = alpha_c.double().requires_grad_()
+    value = ((W.double() - reconstruct(alpha_r.double(), alpha_c, signs.double())) @ Uinv.double()).square().sum()
+    (grad,) = torch.autograd.grad(value, alpha_c)
+    assert grad[-1].abs().max() < 1e-3 * value.item() / alpha_c[-1].abs().mean().item()
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_refinement_lowers_the_block_output_loss(order):
+    X, W, U = correlated_block(14 + order)
+    code, Q = daq_block(W, U.diagonal(), order)
+    refined, Q2, err = refine_block(W, U, code, Q, rounds=3)
+    torch.testing.assert_close(err, block_error(W, Q2, U), rtol=1e-4, atol=1e-4 * err.abs().max().item())
+    torch.testing.assert_close(Q2, reconstruct(refined.alpha_r, refined.alpha_c, refined.signs.float() * 2 - 1))
+    assert torch.equal(refined.alpha_r.half().float(), refined.alpha_r)
+    assert torch.equal(refined.alpha_c.half().float(), refined.alpha_c)
+    assert refined.order == order
+    assert err.square().sum() < 0.7 * block_error(W, Q, U).square().sum()
+    assert refine_block(W, U, code, Q, rounds=0)[1] is Q
+
+
+def test_refined_quant_dllm_beats_gptq_on_correlated_inputs():
+    X = correlated_inputs(1024, 512, 32, seed=18)
+    H = 2 / 1024 * X.T @ X
+    W = torch.randn(64, 512, generator=torch.Generator().manual_seed(19))
+    refined = output_error(X, W, quant_dllm(W, H).weight)
+    assert refined < 0.8 * output_error(X, W, quant_dllm(W, H, refine_rounds=0).weight)
+    assert refined < output_error(X, W, gptq(W, H, bits=2).weight)
 
 
 # --- uniform baselines ---
