@@ -51,6 +51,7 @@ def ids():
 def test_artifact_layout_and_manifest(art, src):
     m = json.loads((art / MANIFEST).read_text())
     assert m["format_version"] == 1 and m["quantization"]["method"] == "quant-dllm"
+    assert m["quantization"]["refine_rounds"] == 3 and m["quantization"]["naive_daq"] is False
     assert m["calibration"]["mcs"] is True and m["calibration"]["mcs_prefix_ratio"] == 0.25
     assert (art / "config.json").read_bytes() == (src / "config.json").read_bytes()
     assert (art / "tokenizer.json").exists() and (art / "tokenizer_config.json").exists()
@@ -148,6 +149,9 @@ def test_cli_refusals(src, calib, tmp_path, capsys, art):
     refuse(capsys, [str(src), out, "--calib", str(calib), "--bits", "3"], "--bits must be 2 for quant-dllm")
     refuse(capsys, [str(src), out, "--calib", str(calib), "--method", "rtn", "--naive-daq"],
            "--naive-daq applies to --method quant-dllm only")
+    refuse(capsys, [str(src), out, "--calib", str(calib), "--method", "gptq", "--refine-rounds", "2"],
+           "--refine-rounds applies to --method quant-dllm only")
+    refuse(capsys, [str(src), out, "--calib", str(calib), "--refine-rounds", "-1"], "--refine-rounds")
     refuse(capsys, [str(src), out, "--calib", str(calib), "--block-size", "48"], "must be a multiple of 32")
     refuse(capsys, [str(src), out, "--calib", str(calib), "--block-size", "128"], "does not divide d_model (64)")
     refuse(capsys, [str(src), out, "--calib", str(calib), "--seqlen", "999"], "--seqlen must be at most")
