@@ -66,8 +66,8 @@ def method_of(args: argparse.Namespace, family: str) -> Method:
             raise ValueError(f"--bits must be 2 for quant-dllm (1 to 3 binary planes per block, 2 on average), "
                              f"got {args.bits}")
         ratio = ABMP_DEFAULT[family] if args.abmp_ratio is None else args.abmp_ratio
-        rounds = 3 if args.refine_rounds is None else args.refine_rounds
-        return Method("quant-dllm", 2, args.block_size, ratio, args.naive_daq, refine_rounds=rounds)
+        rounds = {} if args.refine_rounds is None else {"refine_rounds": args.refine_rounds}  # else Method's default
+        return Method("quant-dllm", 2, args.block_size, ratio, args.naive_daq, **rounds)
     if args.bits < 2:
         raise ValueError(f"--bits must be 2..8 for {args.method}, got {args.bits}")
     for flag, given in (("--abmp-ratio", args.abmp_ratio is not None), ("--naive-daq", args.naive_daq),
