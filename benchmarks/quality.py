@@ -9,6 +9,13 @@ seed, so differences between variants carry little Monte Carlo noise; each varia
 paired difference from fp and gptq-2bit, with that difference's own standard error. The unigram baseline is fitted on
 the train split (add-one smoothing) and scored on the same tokens. Writes JSON and a PNG to
 benchmarks/results/.
+
+With --mirror (the default), each converted variant is also scored with its weight error reversed, every
+quantized W + E replaced by W − E. Half the sum of the two changes from fp is the even part of the
+change, ½EᵀFE to second order: the damage that grows with the error's size. Half their difference is the
+odd part, gᵀE: how the error happens to line up with the gradient g of the test NLL. For a converged model
+g ≈ 0; the shipped model is still learning, so g is not small, and a variant can beat FP on the odd part
+alone.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.corpus import read_texts, token_stream
 from qdllm.engine.evaluate import Estimate, difference, evaluate
 from qdllm.engine.loader import resolve_device
+from qdllm.engine.model import DiffusionLM
+from qdllm.engine.quant_linear import QuantLinear
+from qdllm.kernels.reference import dequantize
 from qdllm.quantizer.cli import main as convert
 
 VARIANTS: dict[str, list[str] | None] = {  # label -> qdllm-convert flags (None: the unconverted model)
@@ -53,6 +63,29 @@ def unigram_nll(train: list[int], test: list[int], vocab: int) -> float:
     counts = Counter(train)
     total = len(train) + vocab
     return -sum(math.log((counts[t] + 1) / total) for t in test) / len(test)
+
+
+def effective_weight(module: torch.nn.Module) -> torch.Tensor:
+    """What a linear computes with, in fp32."""
+    if isinstance(module, QuantLinear):
+        return dequantize(module.weight_packed, torch.float32)
+    return module.weight.float()
+
+
+@torch.no_grad()
+def mirror(reference: DiffusionLM, variant: DiffusionLM) -> None:
+    """Turn `reference` into the variant with its error reversed: every linear W becomes W − (Q − W)."""
+    quantized = dict(variant.named_modules())
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.copy_(2 * module.weight - effective_weight(quantized[name]).to(module.weight))
+
+
+def even_odd(plus: Estimate, minus: Estimate, fp: Estimate) -> dict[str, dict[str, float]]:
+    """The change from fp split into its even part (damage) and odd part (first order), per sample."""
+    parts = {"even": Estimate(fp.tokens, (plus.samples + minus.samples) / 2 - fp.samples),
+             "odd": Estimate(fp.tokens, (plus.samples - minus.samples) / 2)}
+    return {k: {"nll_difference": e.nll_per_token, "stderr": e.stderr} for k, e in parts.items()}
 
 
 def plot(file: Path, record: dict) -> None:
@@ -83,6 +116,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score each converted variant with its error reversed (even and odd parts)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qdllm-quality"), help="where artifacts are written")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
     args = ap.parse_args()
@@ -98,6 +133,9 @@ def main() -> None:
     unknown = [v for v in labels if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
+    if args.mirror and labels[0] != "fp":
+        ap.error("--mirror needs fp as the first of --variants (or give --no-mirror)")
+    dtype = torch.float32 if device.type == "cpu" else None
     for label in tqdm(labels, desc="quality", unit="variant"):
         flags, path, entry = VARIANTS[label], args.model, {}
         if flags is not None:
@@ -111,16 +149,25 @@ def main() -> None:
                      "mean_layer_relative_error": sum(r["relative_error"] for r in manifest["layers"]) /
                      len(manifest["layers"])}
         start = time.time()
-        model = load_model(path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
+        model = load_model(path, device=device, dtype=dtype)
         seqlen = min(model.config.max_seq_len, 1024)
         est = estimates[label] = evaluate(model, test, seqlen, args.mc, args.seed, args.batch_size)
         nll, se = est.nll_per_token, est.stderr
         paired = {ref: dict(zip(("nll_difference", "stderr"), difference(est, estimates[ref])))
                   for ref in PAIRED_WITH if ref in estimates and ref != label}
+        if args.mirror and flags is not None:
+            reversed_ = load_model(args.model, device=device, dtype=dtype)
+            mirror(reversed_, model)
+            del model
+            minus = evaluate(reversed_, test, seqlen, args.mc, args.seed, args.batch_size)
+            entry["mirror"] = even_odd(est, minus, estimates["fp"])
+            del reversed_
         results[label] = {**entry, "nll_per_token": nll, "nll_stderr": se, "ppl": math.exp(nll),
                           "ppl_stderr": math.exp(nll) * se, "paired": paired, "windows": est.windows,
                           "seqlen": seqlen, "eval_seconds": round(time.time() - start, 1)}
-        tqdm.write(f"{label}: perplexity bound {math.exp(nll):.2f} ± {math.exp(nll) * se:.2f}")
+        parts = "".join(f"; {k} part {v['nll_difference']:+.4f} ± {v['stderr']:.4f}"
+                        for k, v in entry.get("mirror", {}).items())
+        tqdm.write(f"{label}: perplexity bound {math.exp(nll):.2f} ± {math.exp(nll) * se:.2f}{parts}")
         record = {"model": str(args.model), "data": str(data), "tokens": len(test), "mc": args.mc,
                   "seed": args.seed, "results": results, "environment": environment(device)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
