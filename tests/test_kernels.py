@@ -5,6 +5,7 @@ CPU: shapes stay tiny. With CUDA the same small tests run on the GPU (DEVICE), a
 end add larger shapes.
 """
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -195,6 +196,46 @@ def test_kernels_work_without_triton(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     expected = ["[[32.0, 32.0, 32.0, 32.0]]", "backend 'triton': Triton is not installed"]
     assert r.stdout.splitlines() == expected, r.stderr
+
+
+
+# Compiles the kernel to PTX and cubin for each GPU family the product targets, without a GPU: this is
+# Triton's real compiler (type checks, layouts, tensor-core lowering), which the interpreter skips.
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qdllm.kernels import bcq
+arch, act = int(sys.argv[1]), sys.argv[2]
+for gemv in (True, False):
+    configs = bcq._configs(gemv)
+    for cfg in (configs[0], configs[-1]):  # the smallest and the largest tile each launch autotunes over
+        for per_plane in (False, True):
+            const = {"G": 128, "HAS_BIAS": True, "PER_PLANE": per_plane, "UPCAST": False, **cfg.kwargs}
+            sig = {"x_ptr": "*" + act, "planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16",
+                   "pp_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*fp32" if gemv else "*" + act,
+                   "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32", "M_BUCKET": "i32",
+                   **{k: "constexpr" for k in const}}
+            k = triton.compile(ASTSource(bcq._bcq_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            print(gemv, per_plane, "mma" in k.asm["ptx"], len(k.asm["cubin"]) > 0, k.metadata.shared)
+"""
+SHARED_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
+
+
+@needs_triton
+@pytest.mark.parametrize("arch,act", [(80, "fp16"), (87, "fp16"), (89, "bf16"), (90, "fp16"), (90, "bf16")])
+def test_kernels_compile_for_gpus(arch, act):
+    """A100 (sm_80), Jetson Orin (sm_87), RTX 40 (sm_89), H100 (sm_90): every variant compiles, uses the
+    tensor cores (mma) and fits the family's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", COMPILE, str(arch), act], env=env, capture_output=True, text=True)
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert len(rows) == 8, r.stderr[-3000:]
+    for gemv, per_plane, mma, cubin, shared in rows:
+        assert (mma, cubin) == ("True", "True"), (gemv, per_plane)
+        assert int(shared) <= SHARED_LIMIT[arch], (gemv, per_plane, shared)
 
 
 # ---- GPU ----
