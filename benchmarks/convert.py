@@ -134,9 +134,8 @@ def main() -> None:
             bar.update()
         del W, H
     bar.close()
-    settings = {**vars(args), "shapes": list(shapes), "methods": methods, "out": None,
-                "device": str(device), "block_size": Method.block_size, "iterations": Method.iterations,
-                "abmp_ratio": Method.abmp_ratio}
+    settings = {**vars(args), "shapes": list(shapes), "methods": methods, "device": str(device),
+                "block_size": Method.block_size, "iterations": Method.iterations, "abmp_ratio": Method.abmp_ratio}
     record = {"settings": settings, "results": results, "environment": environment(device)}
     out = args.out or Path(__file__).parent / "results" / f"convert-{device.type}"
     write_results(out, record, plot)
