@@ -198,7 +198,6 @@ def test_kernels_work_without_triton(tmp_path):
     assert r.stdout.splitlines() == expected, r.stderr
 
 
-
 # Compiles the kernel to PTX and cubin for each GPU family the product targets, without a GPU: this is
 # Triton's real compiler (type checks, layouts, tensor-core lowering), which the interpreter skips.
 COMPILE = """
