@@ -47,6 +47,17 @@ def sign_patterns(order: int, device: torch.device) -> torch.Tensor:
     return 1.0 - 2.0 * bits.float()
 
 
+def level_table(alpha_r: torch.Tensor, alpha_c: torch.Tensor) -> torch.Tensor:
+    """Every value an element can take, [G, N, 2^o]: level p of element (n, g) is
+    Σ_k pattern[p, k] α_r[k, n] α_c[k, g]. Column-major with the patterns last, so that one column's
+    levels are contiguous and the argmin runs over the last dim (over a leading dim, torch's CPU argmin
+    is about ten times slower, and it dominated a conversion)."""
+    patterns = sign_patterns(alpha_r.shape[0], alpha_r.device)
+    scale = alpha_c[:, :, None] * alpha_r[:, None, :]               # [o, G, N]
+    o, g, n = scale.shape
+    return (scale.reshape(o, g * n).T @ patterns.T).reshape(g, n, -1)
+
+
 def update_signs(W: torch.Tensor, alpha_r: torch.Tensor, alpha_c: torch.Tensor) -> torch.Tensor:
     """Signs [o, N, G] (±1): per element the pattern s ∈ {±1}^o minimising |W − Σ_k s_k α_r[k] α_c[k]|.
 
@@ -55,10 +66,8 @@ def update_signs(W: torch.Tensor, alpha_r: torch.Tensor, alpha_c: torch.Tensor) 
     pattern with the most leading +1 signs.
     """
     patterns = sign_patterns(alpha_r.shape[0], W.device)
-    scale = alpha_r[:, :, None] * alpha_c[:, None, :]                # [o, N, G]
-    candidates = torch.einsum("pk,kng->png", patterns, scale)        # [2^o, N, G]
-    best = (W - candidates).abs().argmin(0)                          # [N, G]
-    return patterns[best].permute(2, 0, 1).contiguous()
+    best = (W.T.contiguous()[:, :, None] - level_table(alpha_r, alpha_c)).abs().argmin(-1)  # [G, N]
+    return patterns[best].permute(2, 1, 0).contiguous()
 
 
 def _wls_scale(T: torch.Tensor, B: torch.Tensor, M: torch.Tensor, other: torch.Tensor, dim: int,

@@ -14,7 +14,7 @@ but only within blocks: the blocks, and so the packed format, do not change.
 import torch
 
 from .compensate import column_pass
-from .daq import BlockCode, reconstruct, sign_patterns
+from .daq import BlockCode, level_table, reconstruct, sign_patterns
 
 
 def block_order(H: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -33,13 +33,13 @@ def assign_signs(Wb: torch.Tensor, Ubb: torch.Tensor, alpha_r: torch.Tensor, alp
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signs [o, N, G] (±1) chosen column by column with GPTQ's feedback; returns (signs, Q_b, Err_b)."""
     patterns = sign_patterns(alpha_r.shape[0], Wb.device)  # [2^o, o]
+    table = level_table(alpha_r, alpha_c)                  # [G, N, 2^o]
     signs = torch.empty(alpha_r.shape[0], *Wb.shape, dtype=Wb.dtype, device=Wb.device)
 
     def column(i: int, live: torch.Tensor) -> torch.Tensor:
-        levels = patterns @ (alpha_r * alpha_c[:, i, None])  # [2^o, N]
-        best = (live[:, i] - levels).abs().argmin(0)
+        best = (live[i, :, None] - table[i]).abs().argmin(-1)
         signs[:, :, i] = patterns[best].T
-        return levels.gather(0, best[None])[0]
+        return table[i].gather(1, best[:, None])[:, 0]
 
     return signs, *column_pass(Wb, Ubb, column)
 

@@ -61,9 +61,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 2, group_size: int = 128,
 
         def column(i: int, live: torch.Tensor) -> torch.Tensor:
             if i % group_size == 0:
-                params[:] = _group_params(live[:, i:i + group_size], bits)
+                params[:] = _group_params(live[i:i + group_size].T, bits)
             lo, step = params
-            return _fake_quant(live[:, i], lo[:, 0], step[:, 0], bits)
+            return _fake_quant(live[i], lo[:, 0], step[:, 0], bits)
 
         return *column_pass(Wb, Ubb, column), None
 
