@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import subprocess
 from collections.abc import Callable
@@ -35,6 +36,7 @@ def write_results(out: Path, record: dict, plot: Callable[[Path, dict], None]) -
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for tracked changes), or QDLLM_COMMIT where the tree is a copy without .git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         # A benchmark rewrites its own tracked result file as it goes; that alone is not a dirty tree.
@@ -43,7 +45,7 @@ def git_commit() -> str:
                                text=True, check=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("QDLLM_COMMIT", "unknown")
 
 
 def random_weight(n: int, k: int, g: int, seed: int, device: torch.device):

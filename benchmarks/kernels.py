@@ -164,6 +164,10 @@ def main() -> None:
     print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
     limits = device_limits(args.repeats)
     jobs = [(model, shape, n, k) for model in models for shape, (n, k) in SHAPES[model].items()]
+    config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with tqdm(total=len(jobs) * len(ms), unit="point") as bar:
         for i, (model, shape, n, k) in enumerate(jobs):
@@ -173,20 +177,18 @@ def main() -> None:
                 bar.set_description(f"{model} {shape} M={m}")
                 rows.append({"model": model, "shape": shape, **measure(w, dense_t, m, args.repeats, limits)})
                 bar.update()
-    config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
-    record = {
-        "environment": env, "device_limits": limits,
-        "settings": {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
-                     "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
-                     "gemv_timed_up_to_M": GEMV_MAX_M, "dispatch_config": dataclasses.asdict(config)},
-        "rows": rows, "suggested_config": suggest(rows, ms),
-    }
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    if have_plot:
-        plot(out.with_suffix(".png"), record)
+            # Written after every shape, so a run stopped by a time limit keeps what it measured.
+            record = {
+                "environment": env, "device_limits": limits,
+                "settings": {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
+                             "seed": args.seed, "activations": "bfloat16",
+                             "order_mix": "5% order 1, 5% order 3, rest 2", "gemv_timed_up_to_M": GEMV_MAX_M,
+                             "dispatch_config": dataclasses.asdict(config)},
+                "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms),
+            }
+            out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+            if have_plot:
+                plot(out.with_suffix(".png"), record)
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
     for r in rows:
         print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch {r['speedup']['dispatch']:5.2f}x  "
