@@ -7,7 +7,9 @@ the rest order 2: exactly 2 planes on average) and bf16 activations. Each time i
 triton.testing.do_bench, repeated; the record keeps min/median/max over the repeats. The ideal speedup is
 min(16/b_eff, max(1, R/M)) with R = measured bf16 FLOP/s over measured copy bandwidth (above R/M < 1
 a dense fallback still gives 1). GB/s counts the bytes a call must move: the packed weight (dense bf16
-for torch) plus x and y. The record ends with a suggested DispatchConfig for this GPU.
+for torch) plus x and y. "dense" is the dispatcher's large-M path (the dequantize kernel writes Ŵᵀ, then
+torch.matmul). The record ends with a suggested DispatchConfig for this GPU: the fastest packed path at
+each M.
 Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ SHAPES = {  # (N out, K in) of every distinct decoder linear
               "down 3584x18944": (3584, 18944)},
 }
 GEMV_MAX_M = 64  # the GEMV launch is not timed above this
-KERNELS = ("gemv", "gemv_per_plane", "tile", "tile_per_plane")
+KERNELS = ("gemv", "gemv_per_plane", "tile", "tile_per_plane", "dense")  # dense: dequantize kernel + matmul
 
 
 def timed(fn, repeats: int) -> dict:
@@ -54,7 +56,8 @@ def measure(w, dense_t: torch.Tensor, m: int, repeats: int, limits: dict) -> dic
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     runs = {"torch_bf16": (lambda: torch.matmul(x, dense_t), None), "dispatch": (lambda: bcq_linear(x, w), None),
             "tile": (lambda: bcq.bcq_tile(x, w), bcq._tile_kernel),
-            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, per_plane=True), bcq._tile_kernel)}
+            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, per_plane=True), bcq._tile_kernel),
+            "dense": (lambda: bcq.bcq_dense(x, w), None)}
     if m <= GEMV_MAX_M:
         runs |= {"gemv": (lambda: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
                  "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, per_plane=True), bcq._gemv_kernel)}
@@ -94,8 +97,8 @@ def suggest(rows: list[dict], ms: list[int]) -> dict:
         ts = [r["time_ms"][name]["median"] for r in rows if r["M"] == m and name in r["time_ms"]]
         return math.exp(statistics.fmean(math.log(t) for t in ts)) if ts else math.inf
 
-    best = {m: min((*KERNELS, "torch_bf16"), key=lambda name: geo(m, name)) for m in ms}
-    dense_from = [m for m in ms if all(best[later] == "torch_bf16" for later in ms if later >= m)]
+    best = {m: min(KERNELS, key=lambda name: geo(m, name)) for m in ms}
+    dense_from = [m for m in ms if all(best[later] == "dense" for later in ms if later >= m)]
     dense_min_m = min(dense_from) if dense_from else 2 * max(ms)
     kernel_ms = [m for m in ms if m < dense_min_m]
     return {"best_path_per_M": best,

@@ -7,7 +7,9 @@ variants, selected by PER_PLANE:
 - dequantized: build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs).
 Two launches: `bcq_gemv` for small M (BLOCK_M = 16, the smallest tl.dot a GPU accepts, and split-K over
 the K-blocks reduced by fp32 atomics, since a grid over N alone is too small to fill the GPU) and
-`bcq_tile` for larger M. Which variant wins at which M is measured per GPU by benchmarks/kernels.py.
+`bcq_tile` for larger M. For large M, `bcq_dense` writes Ŵᵀ once with a dequantize kernel that shares
+the tile's unpacking, then multiplies with torch.matmul. Which path and variant win at which M is
+measured per GPU by benchmarks/kernels.py.
 
 Configurations are autotuned on a GPU, timing each candidate briefly (25 ms; a call takes tens of µs), and
 the choices are kept in Triton's on-disk cache per GPU architecture, so a restarted server or a second
@@ -30,6 +32,30 @@ from .pack import BCQWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_BLOCK_M = 16
+DEQUANT_BLOCK_N = 64  # the dequantize kernel is bound by its writes; rows of 64 fp16 are 128-byte stores
+
+
+@triton.jit
+def _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G: tl.constexpr):
+    """Plane p on input columns c*32..c*32+31 and rows rn: its signs as a [32, BLOCK_N] bool tile (True = +1)
+    and its scales alpha_c [32] and alpha_r [BLOCK_N] in fp32."""
+    words = tl.load(planes_ptr + (p * (G // 32) + c) * N + rn, mask=n_ok, other=0)
+    plus = ((words[None, :] >> rj[:, None]) & 1) != 0
+    ac = tl.load(ac_ptr + p * G + c * 32 + rj).to(tl.float32)
+    ar = tl.load(ar_ptr + p * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    return plus, ac, ar
+
+
+@triton.jit
+def _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Ŵᵀ on input columns c*32..c*32+31 and rows rn, [32, BLOCK_N] in fp32: Σ_p α_r α_c B_p, in plane order."""
+    w = tl.zeros((32, BLOCK_N), dtype=tl.float32)
+    for p in range(p_lo, p_hi):
+        plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
+        scale = ac[:, None] * ar[None, :]
+        w += tl.where(plus, scale, -scale)
+    return w
 
 
 @triton.jit
@@ -53,22 +79,16 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
         p_lo = tl.load(pp_ptr + b)
         p_hi = tl.load(pp_ptr + b + 1)
         for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
-            rk = c * 32 + rj
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + rk)[None, :], mask=m_ok[:, None], other=0.0)
-            w = tl.zeros((32, BLOCK_N), dtype=tl.float32)
-            for p in range(p_lo, p_hi):
-                words = tl.load(planes_ptr + (p * (G // 32) + c) * N + rn, mask=n_ok, other=0)
-                plus = ((words[None, :] >> rj[:, None]) & 1) != 0
-                ac = tl.load(ac_ptr + p * G + rk).to(tl.float32)
-                ar = tl.load(ar_ptr + p * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-                if PER_PLANE:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + c * 32 + rj)[None, :], mask=m_ok[:, None],
+                        other=0.0)
+            if PER_PLANE:
+                for p in range(p_lo, p_hi):
+                    plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
                     signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
                     xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
                     acc += tl.dot(xs, signs) * ar[None, :]
-                else:
-                    scale = ac[:, None] * ar[None, :]
-                    w += tl.where(plus, scale, -scale)
-            if not PER_PLANE:
+            else:
+                w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
                 acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
     if HAS_BIAS:
         if pid_k == 0:  # added once, by the first K-split
@@ -79,6 +99,22 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
     else:
         tl.atomic_add(y_ptr + y_offs, acc, mask=y_ok, sem="relaxed")  # order is irrelevant to a sum
+
+
+@triton.jit
+def _dequant_kernel(planes_ptr, ar_ptr, ac_ptr, pp_ptr, wt_ptr, N, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Ŵᵀ [K, N] in wt's dtype; one program per (BLOCK_N rows of Ŵ, K-block)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, 32)
+    n_ok = rn < N
+    p_lo = tl.load(pp_ptr + b)
+    p_hi = tl.load(pp_ptr + b + 1)
+    for c in range(G // 32):
+        w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
+        tl.store(wt_ptr + (b * G + c * 32 + rj)[:, None] * N + rn[None, :], w.to(wt_ptr.dtype.element_ty),
+                 mask=n_ok[None, :])
 
 
 def _configs(gemv: bool) -> list[triton.Config]:
@@ -147,4 +183,27 @@ def bcq_tile(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
     x2 = _check(x, w)
     y = torch.empty(x2.shape[0], w.out_features, device=x.device, dtype=x.dtype)
     _launch(_tile_kernel, x2, w, y, per_plane)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def bcq_dequantize(w: BCQWeight, dtype: torch.dtype) -> Tensor:
+    """Ŵᵀ [K, N] in float16 or bfloat16: one read of the packed tensors and one write, summed in fp32 in
+    plane order like `reference.dequantize`, so the two agree bit for bit where no FMA is fused."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: expected float16 or bfloat16, got {dtype}")
+    # The interpreter truncates fp32 -> bf16 casts instead of rounding them, so there torch casts.
+    store = torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
+    wt = torch.empty(w.in_features, w.out_features, device=w.planes.device, dtype=store)
+    grid = (triton.cdiv(w.out_features, DEQUANT_BLOCK_N), w.num_blocks)
+    _dequant_kernel[grid](w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, wt, w.out_features,
+                          G=w.block_size, BLOCK_N=DEQUANT_BLOCK_N)
+    return wt.to(dtype)
+
+
+def bcq_dense(x: Tensor, w: BCQWeight) -> Tensor:
+    """Large-M path: Ŵᵀ dequantized for this call, then torch.matmul (cuBLAS once the GEMM is compute-bound)."""
+    x2 = _check(x, w)
+    y = x2 @ bcq_dequantize(w, x.dtype)
+    if w.bias is not None:
+        y += w.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], w.out_features)

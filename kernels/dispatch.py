@@ -1,7 +1,7 @@
 """`bcq_linear`: pick the torch reference or a Triton kernel by backend, device and M (rows of x).
 
-On a GPU: split-K GEMV for small M, the tile kernel up to a crossover, and above it the weight
-dequantized for the call, then torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense
+On a GPU: split-K GEMV for small M, the tile kernel up to a crossover, and above it Ŵᵀ written for the
+call by the dequantize kernel, then torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense
 weight is not cached: a cache per linear would rebuild the whole fp16 model in memory. The
 crossovers differ per GPU, so they live in GPU_CONFIGS, keyed by device name, as measured by
 benchmarks/kernels.py; tile shapes themselves are autotuned by Triton.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .pack import BCQWeight
-from .reference import bcq_linear_reference, dequantize
+from .reference import bcq_linear_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -30,7 +30,7 @@ class DispatchConfig:
 
     gemv_max_m: int = 16  # M <= this: split-K GEMV
     plane_dot_max_m: int = 0  # M <= this: the per-plane-dot variant; above: dequantize the tile, one dot
-    dense_min_m: int = 256  # M >= this: dequantize the weight for the call + torch.matmul
+    dense_min_m: int = 256  # M >= this: the dequantize kernel writes Ŵᵀ for the call, then torch.matmul
 
 
 DEFAULT_CONFIG = DispatchConfig()
@@ -89,8 +89,7 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
     cfg = _config(x.device)
     m = x.numel() // w.in_features
     if m >= cfg.dense_min_m:
-        bias = None if w.bias is None else w.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
+        return bcq.bcq_dense(x, w)
     per_plane = m <= cfg.plane_dot_max_m
     if m <= cfg.gemv_max_m:
         return bcq.bcq_gemv(x, w, per_plane)

@@ -28,6 +28,7 @@ KERNELS = {
     "gemv_per_plane": lambda x, w: bcq.bcq_gemv(x, w, per_plane=True),
     "tile": lambda x, w: bcq.bcq_tile(x, w),
     "tile_per_plane": lambda x, w: bcq.bcq_tile(x, w, per_plane=True),
+    "dense": lambda x, w: bcq.bcq_dense(x, w),
 }
 
 
@@ -150,9 +151,28 @@ def test_triton_takes_batched_strided_input_without_bias_and_block_96():
     codes, expected = random_codes([2, 3], n=40, g=96, seed=3)
     w = pack(codes).to(DEVICE)
     x = torch.randn(2, 3, 2 * w.in_features, dtype=torch.float16, device=DEVICE)[..., ::2]  # column stride 2
-    for y in (bcq.bcq_tile(x, w), bcq.bcq_gemv(x, w)):
+    for y in (bcq.bcq_tile(x, w), bcq.bcq_gemv(x, w), bcq.bcq_dense(x, w)):
         assert y.shape == (2, 3, 40)
         assert rel_err(y, x.double() @ expected.T.to(DEVICE)) <= TOL[torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("orders, n, g", [([1, 3, 2, 2], 80, 32), ([2, 3], 130, 96)])
+def test_dequantize_kernel_matches_the_reference(orders, n, g, dtype):
+    """Same fp32 sums in the same plane order: identical bits in the interpreter; on a GPU a fused FMA
+    may move the last fp32 bit, so at most one rounding step of the output dtype."""
+    codes, _ = random_codes(orders, n=n, g=g, seed=n)
+    w = pack(codes).to(DEVICE)
+    wt = bcq.bcq_dequantize(w, dtype)
+    assert wt.dtype == dtype and wt.shape == (w.in_features, n)
+    ref = dequantize(w, dtype).T
+    if DEVICE == "cpu":
+        assert torch.equal(wt, ref)
+    else:
+        torch.testing.assert_close(wt, ref, rtol=torch.finfo(dtype).eps, atol=0)
+    with pytest.raises(ValueError, match=r"dtype: expected float16 or bfloat16, got torch.float32"):
+        bcq.bcq_dequantize(w, torch.float32)
 
 
 # ---- dispatch ----
@@ -171,7 +191,7 @@ def test_dispatch_uses_the_reference_on_cpu(weight):
 
 
 @needs_triton
-@pytest.mark.parametrize("m", [2, 17, 256])  # GEMV, tile, cached dense weight
+@pytest.mark.parametrize("m", [2, 17, 256])  # GEMV, tile, dequantize kernel + matmul
 def test_dispatch_triton_paths(weight, m):
     x = torch.randn(m, weight.in_features, dtype=torch.float16, device=DEVICE)
     assert rel_err(bcq_linear(x, weight, backend="triton"), bcq_linear_reference(x.double(), weight)) <= 2e-3
@@ -219,6 +239,11 @@ for gemv in (True, False):
             k = triton.compile(ASTSource(bcq._bcq_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             print(gemv, per_plane, "mma" in k.asm["ptx"], len(k.asm["cubin"]) > 0, k.metadata.shared)
+const = {"G": 128, "BLOCK_N": bcq.DEQUANT_BLOCK_N}
+sig = {"planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32", "wt_ptr": "*" + act,
+       "N": "i32", **{k: "constexpr" for k in const}}
+k = triton.compile(ASTSource(bcq._dequant_kernel, sig, const), target=GPUTarget("cuda", arch, 32))
+print("dequantize", "-", "-", len(k.asm["cubin"]) > 0, k.metadata.shared)
 """
 SHARED_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 
@@ -226,13 +251,15 @@ SHARED_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  
 @needs_triton
 @pytest.mark.parametrize("arch,act", [(80, "fp16"), (87, "fp16"), (89, "bf16"), (90, "fp16"), (90, "bf16")])
 def test_kernels_compile_for_gpus(arch, act):
-    """A100 (sm_80), Jetson Orin (sm_87), RTX 40 (sm_89), H100 (sm_90): every variant compiles, uses the
-    tensor cores (mma) and fits the family's shared memory."""
+    """A100 (sm_80), Jetson Orin (sm_87), RTX 40 (sm_89), H100 (sm_90): every GEMM variant compiles, uses
+    the tensor cores (mma) and fits the family's shared memory; so does the dequantize kernel, without mma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", COMPILE, str(arch), act], env=env, capture_output=True, text=True)
     rows = [line.split() for line in r.stdout.splitlines()]
-    assert len(rows) == 8, r.stderr[-3000:]
-    for gemv, per_plane, mma, cubin, shared in rows:
+    assert len(rows) == 9, r.stderr[-3000:]
+    *gemm, (name, _, _, cubin, shared) = rows
+    assert (name, cubin) == ("dequantize", "True") and int(shared) <= SHARED_LIMIT[arch]
+    for gemv, per_plane, mma, cubin, shared in gemm:
         assert (mma, cubin) == ("True", "True"), (gemv, per_plane)
         assert int(shared) <= SHARED_LIMIT[arch], (gemv, per_plane, shared)
 
