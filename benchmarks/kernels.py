@@ -168,6 +168,9 @@ def main() -> None:
     limits = device_limits(args.repeats)
     jobs = [(model, shape, n, k) for model in models for shape, (n, k) in SHAPES[model].items()]
     config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
+    settings = {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
+                "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
+                "gemv_timed_up_to_M": GEMV_MAX_M, "dispatch_config": dataclasses.asdict(config)}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,14 +184,8 @@ def main() -> None:
                 rows.append({"model": model, "shape": shape, **measure(w, dense_t, m, args.repeats, limits)})
                 bar.update()
             # Written after every shape, so a run stopped by a time limit keeps what it measured.
-            record = {
-                "environment": env, "device_limits": limits,
-                "settings": {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
-                             "seed": args.seed, "activations": "bfloat16",
-                             "order_mix": "5% order 1, 5% order 3, rest 2", "gemv_timed_up_to_M": GEMV_MAX_M,
-                             "dispatch_config": dataclasses.asdict(config)},
-                "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms),
-            }
+            record = {"environment": env, "device_limits": limits, "settings": settings,
+                      "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms)}
             out.with_suffix(".json").write_text(json.dumps(record, indent=1))
             if have_plot:
                 plot(out.with_suffix(".png"), record)
