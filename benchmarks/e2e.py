@@ -117,6 +117,14 @@ def fits_table(cfg: ModelConfig, b_eff: float, prompt: int, gen: int) -> list[di
     return rows
 
 
+def speedups(results: list[dict]) -> None:
+    """Each row's median tokens/s over a's and b's at its batch; None until those have run."""
+    for r in results:
+        for key in "ab":
+            base = next((x for x in results if x["config"] == key and x["batch"] == r["batch"]), None)
+            r[f"speedup_vs_{key}"] = base and r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
+
+
 def plot(file: Path, record: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -127,9 +135,11 @@ def plot(file: Path, record: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(CONFIGS)
     for i, key in enumerate(CONFIGS):
-        med = [next(r["tokens_per_s"]["median"] for r in rows if r["config"] == key and r["batch"] == b)
-               for b in batches]
-        label = next(r["label"] for r in rows if r["config"] == key)
+        mine = [r for r in rows if r["config"] == key]
+        if not mine:  # a run stopped before this config
+            continue
+        med = [next((r["tokens_per_s"]["median"] for r in mine if r["batch"] == b), 0.0) for b in batches]
+        label = mine[0]["label"]
         ax.bar([x + i * width for x in range(len(batches))], med, width, label=label)
     ax.set_xticks([x + width * (len(CONFIGS) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens/s (median)")
@@ -200,18 +210,29 @@ def main() -> None:
             return SamplingParams(steps=args.gen // args.tokens_per_step, cache=cache, **common)
         return SamplingParams(threshold=args.threshold, cache=cache, **common)
 
+    prompt_len = args.prompt_len if args.shape else max(len(p) for p in prompt_pool)
+    settings = {"model": args.shape or args.model, "artifact": args.artifact, "gen": args.gen, "block": args.block,
+                "batches": batches, "threshold": args.threshold,
+                "tokens_per_step": args.tokens_per_step if args.shape else None, "repeats": args.repeats,
+                "dense_dtype": str(dtype), "backend": args.backend, "prompt_tokens": prompt_len,
+                "weights": "random" if args.shape else "trained", "effective_bits": b_eff}
+    out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
+    labels = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
+              "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}
     results = []
     bar = tqdm(total=len(CONFIGS) * len(batches), desc="e2e benchmark", unit="config")
-    for weights in ("dense", "2bit"):
+    # 2-bit first, so its peak memory is measured with no dense model ever allocated; the slow reference (a)
+    # last, so a run stopped at a time limit keeps the rest (the record is rewritten after every config).
+    for weights, keys in (("2bit", "cd"), ("dense", "ba")):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = build[weights]()
         if weights == "2bit" and not args.shape:
-            b_eff = effective_bits([m.weight_packed for m in model.modules() if isinstance(m, QuantLinear)])
-        for key, (kind, cache, fast) in CONFIGS.items():
-            if kind != weights:
-                continue
+            b_eff = settings["effective_bits"] = effective_bits(
+                [m.weight_packed for m in model.modules() if isinstance(m, QuantLinear)])
+        for key in keys:
+            _, cache, fast = CONFIGS[key]
             for batch in batches:
                 prompts = prompt_pool[:batch]
                 sp = params(cache, fast)
@@ -220,34 +241,20 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 runs = [run(model, detok, prompts, sp) for _ in range(args.repeats)]
                 rates = sorted(r["tokens"] / r["wall_s"] for r in runs)
-                label = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
-                         "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}[key]
                 results.append({
-                    "config": key, "label": label, "weights": weights, "cache": cache, "batch": batch,
+                    "config": key, "label": labels[key], "weights": weights, "cache": cache, "batch": batch,
                     "sampling": dataclasses.asdict(sp),
                     "tokens_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]},
                     "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+                speedups(results)
+                record = {"benchmark": "e2e", "environment": environment(device), "settings": settings,
+                          "complete": len(results) == len(CONFIGS) * len(batches), "results": results,
+                          "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
+                write_results(out, record, plot)
                 bar.update()
         del model
     bar.close()
-    for r in results:
-        base = next(x for x in results if x["config"] == "a" and x["batch"] == r["batch"])
-        fast = next(x for x in results if x["config"] == "b" and x["batch"] == r["batch"])
-        r["speedup_vs_a"] = r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
-        r["speedup_vs_b"] = r["tokens_per_s"]["median"] / fast["tokens_per_s"]["median"]
-    prompt_len = args.prompt_len if args.shape else max(len(p) for p in prompt_pool)
-    record = {"benchmark": "e2e", "environment": environment(device),
-              "settings": {"model": args.shape or args.model, "artifact": args.artifact, "gen": args.gen,
-                           "block": args.block, "batches": batches, "threshold": args.threshold,
-                           "tokens_per_step": args.tokens_per_step if args.shape else None,
-                           "repeats": args.repeats, "dense_dtype": str(dtype), "backend": args.backend,
-                           "prompt_tokens": prompt_len, "weights": "random" if args.shape else "trained",
-                           "effective_bits": b_eff},
-              "results": results,
-              "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
-    out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
-    write_results(out, record, plot)
     for r in results:
         mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
         print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "

@@ -48,8 +48,10 @@ def timed(fn, repeats: int) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
 
-def measure(w, dense_t: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
-    """One (shape, M) point: every path's time, speedup over torch, GB/s, and the tile each autotuned to."""
+def measure(w, dense_t: torch.Tensor, ref: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
+    """One (shape, M) point: every path's time, speedup over torch, GB/s, the tile each autotuned to, and
+    each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel is not timed
+    as a fast one)."""
     from qdllm.kernels import bcq, bcq_linear
 
     n, k = w.out_features, w.in_features
@@ -61,9 +63,12 @@ def measure(w, dense_t: torch.Tensor, m: int, repeats: int, limits: dict) -> dic
     if m <= GEMV_MAX_M:
         runs |= {"gemv": (lambda: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
                  "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, per_plane=True), bcq._gemv_kernel)}
-    times, tiles = {}, {}
+    times, tiles, errors = {}, {}, {}
+    y_ref = x.float() @ ref.T
     for name, (fn, autotuner) in runs.items():
         times[name] = timed(fn, repeats)
+        if name != "torch_bf16":
+            errors[name] = ((fn().float() - y_ref).norm() / y_ref.norm()).item()
         if autotuner is not None:  # best_config is the one for the call just made
             tiles[name] = str(autotuner.best_config)
     packed = sum(t.numel() * t.element_size() for t in (w.planes, w.alpha_r, w.alpha_c, w.plane_ptr))
@@ -75,6 +80,7 @@ def measure(w, dense_t: torch.Tensor, m: int, repeats: int, limits: dict) -> dic
         "speedup": {name: base / t["median"] for name, t in times.items() if name != "torch_bf16"},
         "GBps": gbps, "fraction_of_copy_bandwidth": {name: v / limits["copy_GBps"] for name, v in gbps.items()},
         "ideal_speedup": min(16 / w.effective_bits, max(1.0, limits["ridge_R"] / m)), "autotuned": tiles,
+        "relative_error": errors,
     }
 
 
@@ -156,6 +162,7 @@ def main() -> None:
         print("matplotlib is not installed: the JSON will be written but the PNG skipped (pip install matplotlib).")
     from tqdm import tqdm
 
+    from qdllm.kernels import dequantize
     from qdllm.kernels.dispatch import DEFAULT_CONFIG, GPU_CONFIGS
 
     models = args.models.split(",")
@@ -179,11 +186,13 @@ def main() -> None:
         for i, (model, shape, n, k) in enumerate(jobs):
             w = random_weight(n, k, args.block_size, args.seed + i, torch.device("cuda"))
             dense_t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).T
+            ref = dequantize(w, torch.float32)
             for m in ms:
                 bar.set_description(f"{model} {shape} M={m}")
-                rows.append({"model": model, "shape": shape, **measure(w, dense_t, m, args.repeats, limits)})
+                rows.append({"model": model, "shape": shape, **measure(w, dense_t, ref, m, args.repeats, limits)})
                 bar.update()
             # Written after every shape, so a run stopped by a time limit keeps what it measured.
+            del ref
             record = {"environment": env, "device_limits": limits, "settings": settings,
                       "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms)}
             out.with_suffix(".json").write_text(json.dumps(record, indent=1))
@@ -192,7 +201,8 @@ def main() -> None:
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
     for r in rows:
         print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch {r['speedup']['dispatch']:5.2f}x  "
-              f"ideal {r['ideal_speedup']:5.2f}x  best {max(r['speedup'].values()):5.2f}x")
+              f"ideal {r['ideal_speedup']:5.2f}x  best {max(r['speedup'].values()):5.2f}x  "
+              f"worst relative error {max(r['relative_error'].values()):.1e}")
     print(f"suggested DispatchConfig for {env['device']!r}: {record['suggested_config']}")
     print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if have_plot else ""))
 
