@@ -31,55 +31,31 @@ from triton.testing import do_bench
 from .pack import BCQWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_BLOCK_M = (16, 32, 64)  # the split-K launch's M tiles: 16 is the smallest tl.dot a GPU accepts
+GEMV_BLOCK_M = 16
 DEQUANT_BLOCK_N = 64  # the dequantize kernel is bound by its writes; rows of 64 fp16 are 128-byte stores
 
 
 @triton.jit
-def _alpha_r(ar_ptr, p, rn, n_live, N):
-    """alpha_r of plane p on rows rn in fp32. n_live is N, or 0 where the block has no plane p, which masks
-    every load of it to 0 (a bound, not a scalar-and-vector mask, which the interpreter rejects)."""
-    return tl.load(ar_ptr + p * N + rn, mask=rn < n_live, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _plane(planes_ptr, ac_ptr, p, n_live, c, rn, rj, N, G: tl.constexpr):
+def _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G: tl.constexpr):
     """Plane p on input columns c*32..c*32+31 and rows rn: its signs as a [32, BLOCK_N] bool tile (True = +1)
-    and its alpha_c [32] in fp32, 0 where the block has no plane p (n_live 0)."""
-    words = tl.load(planes_ptr + (p * (G // 32) + c) * N + rn, mask=rn < n_live, other=0)
+    and its scales alpha_c [32] and alpha_r [BLOCK_N] in fp32."""
+    words = tl.load(planes_ptr + (p * (G // 32) + c) * N + rn, mask=n_ok, other=0)
     plus = ((words[None, :] >> rj[:, None]) & 1) != 0
-    ac = tl.load(ac_ptr + p * G + c * 32 + rj, mask=rj < tl.where(n_live > 0, 32, 0), other=0.0).to(tl.float32)
-    return plus, ac
+    ac = tl.load(ac_ptr + p * G + c * 32 + rj).to(tl.float32)
+    ar = tl.load(ar_ptr + p * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    return plus, ac, ar
 
 
 @triton.jit
-def _scaled_plane(planes_ptr, ac_ptr, p, ar, n_live, c, rn, rj, N, G: tl.constexpr):
-    plus, ac = _plane(planes_ptr, ac_ptr, p, n_live, c, rn, rj, N, G)
-    scale = ac[:, None] * ar[None, :]
-    return tl.where(plus, scale, -scale)
-
-
-@triton.jit
-def _dequant_tile(planes_ptr, ac_ptr, p0, order, ar0, ar1, ar2, c, rn, rj, N, G: tl.constexpr):
-    """Ŵᵀ on input columns c*32..c*32+31 and rows rn, [32, BLOCK_N] in fp32: Σ_p α_r α_c B_p, in plane order.
-
-    Orders are 1-3 with 2 the common case, so plane 1 is always computed (masked to 0 for order 1) and
-    plane 2 only under a branch: no loop has data-dependent bounds, so the compiler unrolls and pipelines."""
-    w = _scaled_plane(planes_ptr, ac_ptr, p0, ar0, N, c, rn, rj, N, G)
-    w += _scaled_plane(planes_ptr, ac_ptr, p0 + 1, ar1, tl.where(order > 1, N, 0), c, rn, rj, N, G)
-    if order > 2:
-        w += _scaled_plane(planes_ptr, ac_ptr, p0 + 2, ar2, N, c, rn, rj, N, G)
+def _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Ŵᵀ on input columns c*32..c*32+31 and rows rn, [32, BLOCK_N] in fp32: Σ_p α_r α_c B_p, in plane order."""
+    w = tl.zeros((32, BLOCK_N), dtype=tl.float32)
+    for p in range(p_lo, p_hi):
+        plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
+        scale = ac[:, None] * ar[None, :]
+        w += tl.where(plus, scale, -scale)
     return w
-
-
-@triton.jit
-def _plane_dot(acc, x, planes_ptr, ac_ptr, p, ar, n_live, c, rn, rj, N, G: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + (x · alpha_c) @ B_p · alpha_r: the ±1 plane goes to the tensor cores as it is."""
-    dot_ty: tl.constexpr = tl.float32 if UPCAST else x.dtype
-    plus, ac = _plane(planes_ptr, ac_ptr, p, n_live, c, rn, rj, N, G)
-    signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
-    xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
-    return acc + tl.dot(xs, signs) * ar[None, :]
 
 
 @triton.jit
@@ -93,36 +69,26 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, 32)  # the bits of one word: each step covers 32 input columns
+    rj = tl.arange(0, 32)  # the bits of one word: each K step covers 32 input columns
     m_ok = rm < M
     n_ok = rn < N
     # The interpreter computes bf16 dots and sums wrongly, so it upcasts; a GPU dots in the activation dtype.
-    dot_ty: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+    dot_ty = tl.float32 if UPCAST else x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Each K-block's plane range is loaded one iteration ahead, so no load of a block waits on another load.
-    nxt = tl.minimum(pid_k, NB)
-    p_lo = tl.load(pp_ptr + nxt)
-    p_hi = tl.load(pp_ptr + nxt + 1, mask=nxt < NB, other=0)
     for b in range(pid_k, NB, SPLIT_K):
-        p0 = p_lo
-        order = p_hi - p_lo
-        nxt = tl.minimum(b + SPLIT_K, NB)
-        p_lo = tl.load(pp_ptr + nxt)
-        p_hi = tl.load(pp_ptr + nxt + 1, mask=nxt < NB, other=0)
-        n1 = tl.where(order > 1, N, 0)
-        ar0 = _alpha_r(ar_ptr, p0, rn, N, N)
-        ar1 = _alpha_r(ar_ptr, p0 + 1, rn, n1, N)
-        ar2 = _alpha_r(ar_ptr, p0 + 2, rn, tl.where(order > 2, N, 0), N)
-        for c in tl.static_range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
+        p_lo = tl.load(pp_ptr + b)
+        p_hi = tl.load(pp_ptr + b + 1)
+        for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + c * 32 + rj)[None, :], mask=m_ok[:, None],
                         other=0.0)
             if PER_PLANE:
-                acc = _plane_dot(acc, x, planes_ptr, ac_ptr, p0, ar0, N, c, rn, rj, N, G, UPCAST)
-                acc = _plane_dot(acc, x, planes_ptr, ac_ptr, p0 + 1, ar1, n1, c, rn, rj, N, G, UPCAST)
-                if order > 2:
-                    acc = _plane_dot(acc, x, planes_ptr, ac_ptr, p0 + 2, ar2, N, c, rn, rj, N, G, UPCAST)
+                for p in range(p_lo, p_hi):
+                    plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
+                    signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
+                    xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
+                    acc += tl.dot(xs, signs) * ar[None, :]
             else:
-                w = _dequant_tile(planes_ptr, ac_ptr, p0, order, ar0, ar1, ar2, c, rn, rj, N, G)
+                w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
                 acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
     if HAS_BIAS:
         if pid_k == 0:  # added once, by the first K-split
@@ -143,13 +109,10 @@ def _dequant_kernel(planes_ptr, ar_ptr, ac_ptr, pp_ptr, wt_ptr, N, G: tl.constex
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, 32)
     n_ok = rn < N
-    p0 = tl.load(pp_ptr + b)
-    order = tl.load(pp_ptr + b + 1) - p0
-    ar0 = _alpha_r(ar_ptr, p0, rn, N, N)
-    ar1 = _alpha_r(ar_ptr, p0 + 1, rn, tl.where(order > 1, N, 0), N)
-    ar2 = _alpha_r(ar_ptr, p0 + 2, rn, tl.where(order > 2, N, 0), N)
-    for c in tl.static_range(G // 32):
-        w = _dequant_tile(planes_ptr, ac_ptr, p0, order, ar0, ar1, ar2, c, rn, rj, N, G)
+    p_lo = tl.load(pp_ptr + b)
+    p_hi = tl.load(pp_ptr + b + 1)
+    for c in range(G // 32):
+        w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
         tl.store(wt_ptr + (b * G + c * 32 + rj)[:, None] * N + rn[None, :], w.to(wt_ptr.dtype.element_ty),
                  mask=n_ok[None, :])
 
@@ -157,39 +120,32 @@ def _dequant_kernel(planes_ptr, ar_ptr, ac_ptr, pp_ptr, wt_ptr, N, G: tl.constex
 def _configs(gemv: bool) -> list[triton.Config]:
     if INTERPRET:  # small tiles keep the interpreter fast; SPLIT_K=2 still exercises the atomics
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2 if gemv else 1}, num_warps=4)]
-    if gemv:  # one M tile covers all of M (so the weights are unpacked once); the K-split fills the GPU
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w)
-                for bm in GEMV_BLOCK_M for bn in (32, 64, 128) for sk in (1, 2, 4, 8, 16)
-                for w in ((4, 8) if bn == 128 else (4,))]
+    if gemv:
+        return [triton.Config({"BLOCK_M": GEMV_BLOCK_M, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w)
+                for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for w in (4, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w)
             for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
             if bm * bn <= 8192]
 
 
-def _prune_gemv(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Time only the M tile that covers M, and K-splits up to the number of K-blocks."""
-    bm = min(max(named_args["M_BUCKET"], GEMV_BLOCK_M[0]), GEMV_BLOCK_M[-1])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] == bm and c.kwargs["SPLIT_K"] <= named_args["NB"]]
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Skip timing tiles taller than M needs and K-splits beyond the number of K-blocks."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["M_BUCKET"])
+            and c.kwargs["SPLIT_K"] <= named_args["NB"]]
     return kept or configs[:1]
 
 
-def _prune_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip timing tiles taller than M needs."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["M_BUCKET"])]
-    return kept or configs[:1]
-
-
-def _autotune(configs: list[triton.Config], prune, **extra) -> triton.runtime.Autotuner:
+def _autotune(configs: list[triton.Config], **extra) -> triton.runtime.Autotuner:
     # Short timings and the disk cache need an autotune that takes `do_bench` and `cache_results`
     # (Triton 3.6 does); an older Triton tunes with its defaults.
-    tune = dict(key=["M_BUCKET", "N", "NB", "G", "PER_PLANE"], prune_configs_by={"early_config_prune": prune},
+    tune = dict(key=["M_BUCKET", "N", "NB", "G", "PER_PLANE"], prune_configs_by={"early_config_prune": _prune},
                 do_bench=functools.partial(do_bench, warmup=5, rep=25), cache_results=True, **extra)
     accepted = inspect.signature(triton.autotune).parameters
     return triton.autotune(configs, **{k: v for k, v in tune.items() if k in accepted})(_bcq_kernel)
 
 
-_gemv_kernel = _autotune(_configs(gemv=True), _prune_gemv, reset_to_zero=["y_ptr"])
-_tile_kernel = _autotune(_configs(gemv=False), _prune_tile)
+_gemv_kernel = _autotune(_configs(gemv=True), reset_to_zero=["y_ptr"])
+_tile_kernel = _autotune(_configs(gemv=False))
 
 
 def _check(x: Tensor, w: BCQWeight) -> Tensor:
@@ -215,7 +171,7 @@ def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> Non
 
 
 def bcq_gemv(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
-    """Small-M path (M up to 64): one M tile, split-K into an fp32 buffer, then cast to x.dtype."""
+    """Small-M path (meant for M ≤ 16): split-K into an fp32 buffer, then cast to x.dtype."""
     x2 = _check(x, w)
     y = torch.zeros(x2.shape[0], w.out_features, device=x.device, dtype=torch.float32)
     _launch(_gemv_kernel, x2, w, y, per_plane)

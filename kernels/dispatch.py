@@ -35,7 +35,10 @@ class DispatchConfig:
 
 DEFAULT_CONFIG = DispatchConfig()
 # torch.cuda.get_device_name() -> measured crossovers. Read once per device: set entries before first use.
-GPU_CONFIGS: dict[str, DispatchConfig] = {}
+GPU_CONFIGS: dict[str, DispatchConfig] = {
+    # benchmarks/results/kernels-llada-nvidia-h100-80gb-hbm3.json (2026-11-24)
+    "NVIDIA H100 80GB HBM3": DispatchConfig(gemv_max_m=32, plane_dot_max_m=32, dense_min_m=64),
+}
 
 @functools.cache
 def _bcq() -> ModuleType | None:
