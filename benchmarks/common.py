@@ -36,7 +36,10 @@ def write_results(out: Path, record: dict, plot: Callable[[Path, dict], None]) -
 
 
 def git_commit() -> str:
-    """HEAD (with -dirty for tracked changes), or QDLLM_COMMIT where the tree is a copy without .git."""
+    """QDLLM_COMMIT where set (a copied tree's .git, if any, may be stale), else HEAD (with -dirty for
+    tracked changes)."""
+    if os.environ.get("QDLLM_COMMIT"):
+        return os.environ["QDLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         # A benchmark rewrites its own tracked result file as it goes; that alone is not a dirty tree.
@@ -45,7 +48,7 @@ def git_commit() -> str:
                                text=True, check=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("QDLLM_COMMIT", "unknown")
+        return "unknown"
 
 
 def random_weight(n: int, k: int, g: int, seed: int, device: torch.device):

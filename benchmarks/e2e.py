@@ -125,6 +125,10 @@ def speedups(results: list[dict]) -> None:
             r[f"speedup_vs_{key}"] = base and r["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
 
 
+def ratio(x: float | None) -> str:
+    return "-" if x is None else f"x{x:.2f}"
+
+
 def plot(file: Path, record: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -258,7 +262,7 @@ def main() -> None:
     for r in results:
         mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
         print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "
-              f"(x{r['speedup_vs_a']:.2f} vs a, x{r['speedup_vs_b']:.2f} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
+              f"({ratio(r['speedup_vs_a'])} vs a, {ratio(r['speedup_vs_b'])} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
 
 
 if __name__ == "__main__":
