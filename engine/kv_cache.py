@@ -4,8 +4,9 @@ One mechanism serves every cache policy: a forward writes the K/V of the tokens 
 positions, then attends either over the fed tokens (a full forward, which also refreshes the cache)
 or over the first `read` positions of each row (a window forward: the block and its suffix for the
 prefix cache, the block alone for the dual cache). Tokens that must not be stored (padding, and
-rows of requests without a cache) go to one scratch position of one scratch row, so a batch needs no
-per-row branches. The pool grows only when a longer sequence arrives, never per step.
+rows of requests without a cache) go to one scratch position past the end of row 0, which no read
+reaches, so a batch needs no per-row branches. (A whole scratch row would double the pool at batch 1.)
+The pool grows only when a longer sequence arrives, never per step.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class KVPool:
 
     @property
     def scratch_slot(self) -> int:
-        return self.slots
+        return 0
 
     @property
     def scratch_position(self) -> int:
@@ -37,7 +38,7 @@ class KVPool:
         if length <= self.length:
             return
         new = -(-length // GROW) * GROW
-        shape = (self.cfg.n_layers, self.slots + 1, new + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+        shape = (self.cfg.n_layers, self.slots, new + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self.length:

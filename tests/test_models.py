@@ -112,5 +112,18 @@ def test_pool_growth_keeps_what_the_rows_hold(llada_dir):
     model(ids, cache=cache(pool, 0, 32))
     before = pool.k[:, :, :32].clone()
     pool.reserve(300)
-    assert pool.length >= 300 and pool.k.shape[2] == pool.length + 1  # plus the scratch position
+    # One row per slot (no scratch row: at batch 1 it would double the pool), plus the scratch position.
+    assert pool.k.shape[1] == 2 and pool.length >= 300 and pool.k.shape[2] == pool.length + 1
     torch.testing.assert_close(pool.k[:, :, :32], before, rtol=0, atol=0)
+
+
+def test_scratch_writes_land_where_no_read_reaches(llada_dir):
+    """Tokens that must not be stored go to row 0's scratch position; row 0's cached K/V stay intact."""
+    model, ids = load_model(llada_dir), random_ids(1, 32)
+    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
+    model(ids, cache=cache(pool, 0, 32))
+    kept = pool.k[:, 0, :32].clone()
+    scratch = torch.full((1, 32), pool.scratch_position)
+    model(random_ids(1, 32), cache=pool.view(torch.full((1, 32), pool.scratch_slot), scratch))
+    torch.testing.assert_close(pool.k[:, 0, :32], kept, rtol=0, atol=0)
+    assert pool.scratch_position == pool.length  # past every position a read covers
