@@ -223,6 +223,7 @@ def main() -> None:
     out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
     labels = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
               "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}
+    env = environment(device)
     results = []
     bar = tqdm(total=len(CONFIGS) * len(batches), desc="e2e benchmark", unit="config")
     # 2-bit first, so its peak memory is measured with no dense model ever allocated; the slow reference (a)
@@ -252,7 +253,7 @@ def main() -> None:
                     "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
                 speedups(results)
-                record = {"benchmark": "e2e", "environment": environment(device), "settings": settings,
+                record = {"benchmark": "e2e", "environment": env, "settings": settings,
                           "complete": len(results) == len(CONFIGS) * len(batches), "results": results,
                           "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
                 write_results(out, record, plot)
