@@ -70,10 +70,10 @@ def random_model(cfg: ModelConfig, packed: bool, device: torch.device, dtype: to
     return model.eval().requires_grad_(False)
 
 
-def run(model: DiffusionLM, detok: Detokenizer, prompts: list[list[int]], params: SamplingParams) -> dict:
-    core = EngineCore(model, detok, max_num_seqs=len(prompts), max_batch_tokens=1 << 30)
+def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """One batch through an engine that has run it before, so its pool (and its CUDA graphs) are in place."""
     ids = [core.add_request(p, params) for p in prompts]
-    cuda = model.embed.weight.is_cuda
+    cuda = core.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="dense dtype (default float16 on GPU, float32 on CPU)")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--cuda-graphs", action="store_true", help="the engine replays window forwards from CUDA graphs")
+    ap.add_argument("--configs", default="abcd", help="which of a-d to run (a never uses the graphs: it has no windows)")
     ap.add_argument("--fits-only", action="store_true", help="with --shape: print the what-fits-where table only")
     ap.add_argument("--out", default="benchmarks/results/e2e")
     args = ap.parse_args()
@@ -176,6 +178,10 @@ def main() -> None:
         ap.error("give --shape, or --model with --artifact")
 
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        ap.error(f"--cuda-graphs needs a CUDA device; the device is {device}")
+    if not args.configs or set(args.configs) - set(CONFIGS):
+        ap.error(f"--configs: expected letters from abcd, got {args.configs!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     batches = [int(b) for b in args.batch.split(",")]
     if args.shape:
@@ -218,17 +224,23 @@ def main() -> None:
     settings = {"model": args.shape or args.model, "artifact": args.artifact, "gen": args.gen, "block": args.block,
                 "batches": batches, "threshold": args.threshold,
                 "tokens_per_step": args.tokens_per_step if args.shape else None, "repeats": args.repeats,
-                "dense_dtype": str(dtype), "backend": args.backend, "prompt_tokens": prompt_len,
+                "dense_dtype": str(dtype), "backend": args.backend, "cuda_graphs": args.cuda_graphs,
+                "prompt_tokens": prompt_len,
                 "weights": "random" if args.shape else "trained", "effective_bits": b_eff}
-    out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}")
+    out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}{'-graphs' if args.cuda_graphs else ''}")
     labels = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
               "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}
     env = environment(device)
     results = []
-    bar = tqdm(total=len(CONFIGS) * len(batches), desc="e2e benchmark", unit="config")
+    configs = [key for key in CONFIGS if key in args.configs]
+    settings["configs"] = "".join(configs)
+    bar = tqdm(total=len(configs) * len(batches), desc="e2e benchmark", unit="config")
     # 2-bit first, so its peak memory is measured with no dense model ever allocated; the slow reference (a)
     # last, so a run stopped at a time limit keeps the rest (the record is rewritten after every config).
-    for weights, keys in (("2bit", "cd"), ("dense", "ba")):
+    for weights, order in (("2bit", "cd"), ("dense", "ba")):
+        keys = [key for key in order if key in configs]
+        if not keys:
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -241,10 +253,12 @@ def main() -> None:
             for batch in batches:
                 prompts = prompt_pool[:batch]
                 sp = params(cache, fast)
-                run(model, detok, prompts, sp)  # warm-up: kernel autotuning, allocator, pool
+                core = EngineCore(model, detok, max_num_seqs=batch, max_batch_tokens=1 << 30,
+                                  cuda_graphs=args.cuda_graphs)
+                run(core, prompts, sp)  # warm-up: kernel autotuning, allocator, KV pool, graph captures
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                runs = [run(model, detok, prompts, sp) for _ in range(args.repeats)]
+                runs = [run(core, prompts, sp) for _ in range(args.repeats)]
                 rates = sorted(r["tokens"] / r["wall_s"] for r in runs)
                 results.append({
                     "config": key, "label": labels[key], "weights": weights, "cache": cache, "batch": batch,
@@ -254,10 +268,11 @@ def main() -> None:
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
                 speedups(results)
                 record = {"benchmark": "e2e", "environment": env, "settings": settings,
-                          "complete": len(results) == len(CONFIGS) * len(batches), "results": results,
+                          "complete": len(results) == len(configs) * len(batches), "results": results,
                           "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
                 write_results(out, record, plot)
                 bar.update()
+                del core  # its pool, graphs and model go before the next engine is built
         del model
     bar.close()
     for r in results:

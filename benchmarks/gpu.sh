@@ -4,11 +4,12 @@
 #
 #   bash benchmarks/gpu.sh [STEP[:LIMIT] ...]     default: every step, in this order
 #
-#   check          the kernel tests on CUDA (tests/test_kernels.py)
+#   check          the kernel and CUDA graph tests on CUDA (tests/test_kernels.py, tests/test_cuda_graphs.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
+#   e2e-graphs     the same, b-d only, with --cuda-graphs (a has no window forwards to replay)
 #   serve          benchmarks/serve.py on the shipped model's 2-bit artifact (converted first if missing)
 #
 # PYTHON: the interpreter that has qdllm installed (default python3; pytest and qdllm-serve must sit
@@ -23,7 +24,7 @@ LIMIT=${STEP_LIMIT:-540}
 LOGS=build/gpu-logs
 ARTIFACT=build/shakespeare-2bit
 RESULTS=benchmarks/results
-STEPS=(check kernels-llada kernels-dream convert e2e serve)
+STEPS=(check kernels-llada kernels-dream convert e2e e2e-graphs serve)
 
 [[ $LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: STEP_LIMIT: expected whole seconds, got '$LIMIT'"; exit 2; }
 for arg in "$@"; do
@@ -40,11 +41,12 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"
 
 run_step() {
     case $1 in
-        check) "$BIN/pytest" -q tests/test_kernels.py -k "not compile_for_gpus" ;;  # compiled for real here
+        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_cuda_graphs.py -k "not compile_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
+        e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --configs bcd --out "$RESULTS/e2e-$SLUG" ;;
         serve)
             if [[ ! -f $ARTIFACT/qdllm.json ]]; then
                 "$BIN/qdllm-convert" assets/llada-shakespeare "$ARTIFACT" --resume || return

@@ -20,12 +20,16 @@ class LLM:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
-                 max_model_len: int | None = None):
-        self.model = load_model(path, device=resolve_device(device), dtype=dtype, backend=backend)
+                 max_model_len: int | None = None, cuda_graphs: bool = False):
+        device = resolve_device(device)
+        if cuda_graphs and device.type != "cuda":  # refused before the weights load
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+        self.model = load_model(path, device=device, dtype=dtype, backend=backend)
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = end_token_ids(self.tokenizer, self.model.config.eos_token_ids)
         self.engine = EngineCore(self.model, Detokenizer(self.tokenizer, self.eos_ids), max_num_seqs=max_num_seqs,
-                                 max_batch_tokens=max_batch_tokens, max_model_len=max_model_len)
+                                 max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
+                                 cuda_graphs=cuda_graphs)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

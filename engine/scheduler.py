@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .cuda_graphs import WindowGraphs
 from .kv_cache import KVPool
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
@@ -63,15 +64,19 @@ class EngineCore:
     max_batch_tokens: cap on the tokens of the running requests' full sequences (rows x length); one
                       request alone is always admitted.
     max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
+    cuda_graphs:      replay window forwards from CUDA graphs (cuda_graphs.py); needs a CUDA device.
     """
 
     def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
-                 max_batch_tokens: int = 16384, max_model_len: int | None = None):
+                 max_batch_tokens: int = 16384, max_model_len: int | None = None, cuda_graphs: bool = False):
         cfg = model.config
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
         self.model, self.detok = model, detokenizer
         self.device = model.embed.weight.device
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        self.graphs = WindowGraphs(model, max_num_seqs) if cuda_graphs else None
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         self.pool: KVPool | None = None  # allocated at the first request that uses a cache
@@ -200,22 +205,26 @@ class EngineCore:
         self.pool.reserve(length)
 
     def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
-        """One padded forward for the group; the block logits [rows, block, V] of each request."""
+        """One padded forward for the group; the block logits [rows, block, V] of each request. Window forwards
+        go through the CUDA graphs when the engine has them, with the rows padded to the graphs' bucket."""
+        graphs = self.graphs if not full else None
         B = sum(r.seq.rows for r, _ in group)
+        rows = graphs.rows(B) if graphs is not None else B
         L = max(w.hi - w.lo for _, w in group)
         n = max(w.end - w.start for _, w in group)
         cached = any(r.params.cache != "none" for r, _ in group)
         pool = self.pool
         scratch = (pool.scratch_slot, pool.scratch_position) if pool is not None else (0, 0)
         dev = self.device
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        positions = torch.zeros(B, L, dtype=torch.long)
-        write_slot = torch.full((B, L), scratch[0], dtype=torch.long)
-        write_pos = torch.full((B, L), scratch[1], dtype=torch.long)
+        ids = torch.zeros(rows, L, dtype=torch.long, device=dev)
+        positions = torch.zeros(rows, L, dtype=torch.long)
+        write_slot = torch.full((rows, L), scratch[0], dtype=torch.long)
+        write_pos = torch.full((rows, L), scratch[1], dtype=torch.long)
         read = L if full else max(r.seq.length for r, _ in group)
-        key_mask = torch.zeros(B, read, dtype=torch.bool)
-        logits_at = torch.zeros(B, n, dtype=torch.long)
-        read_slot = torch.zeros(B, dtype=torch.long)
+        key_mask = torch.zeros(rows, read, dtype=torch.bool)
+        key_mask[B:, 0] = True  # padding rows attend to something, so their (unread) outputs stay finite
+        logits_at = torch.zeros(rows, n, dtype=torch.long)
+        read_slot = torch.zeros(rows, dtype=torch.long)
         row = 0
         for r, w in group:
             x = r.seq.inputs()[:, w.lo: w.hi]
@@ -230,11 +239,14 @@ class EngineCore:
                 key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
                 logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
                 row += 1
-        view = None
-        if cached:
-            view = pool.view(write_slot.to(dev), write_pos.to(dev), None if full else read_slot.to(dev), read)
-        logits = self.model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
-                            logits_at=logits_at.to(dev))
+        if graphs is not None:
+            logits = graphs.forward(pool, ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at)
+        else:
+            view = None
+            if cached:
+                view = pool.view(write_slot.to(dev), write_pos.to(dev), None if full else read_slot.to(dev), read)
+            logits = self.model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
+                                logits_at=logits_at.to(dev))
         st = self.stats
         st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + B * L, st.nfe + B
         out, row = [], 0

@@ -5,10 +5,11 @@ in registers, and reads each block's planes through plane_ptr, so mixed orders c
 variants, selected by PER_PLANE:
 - per plane: scale the X tile by alpha_c, dot with the ±1 plane, scale by alpha_r (one dot per plane);
 - dequantized: build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs).
-Two launches: `bcq_gemv` for small M (BLOCK_M = 16, the smallest tl.dot a GPU accepts, and split-K over
-the K-blocks reduced by fp32 atomics, since a grid over N alone is too small to fill the GPU) and
-`bcq_tile` for larger M. For large M, `bcq_dense` writes Ŵᵀ once with a dequantize kernel that shares
-the tile's unpacking, then multiplies with torch.matmul. Which path and variant win at which M is
+Two launches: `bcq_gemv`, split-K for small and middle M (each program sums K_BLOCKS K-blocks, down to
+one, and fp32 atomics reduce them, since a grid over N alone is too small to fill the GPU: on an H100 the
+tuner always took the finest split it was offered), and `bcq_tile`, one program along K, for larger M.
+For large M, `bcq_dense` writes Ŵᵀ once with a dequantize kernel that shares the tile's unpacking, then
+multiplies with torch.matmul. Which path and variant win at which M is
 measured per GPU by benchmarks/kernels.py.
 
 Configurations are autotuned on a GPU, timing each candidate briefly (25 ms; a call takes tens of µs), and
@@ -31,7 +32,7 @@ from triton.testing import do_bench
 from .pack import BCQWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_BLOCK_M = 16
+SPLIT_BLOCK_M = (16, 32, 64)  # the split-K launch's M tiles; 16 is the smallest tl.dot a GPU accepts
 DEQUANT_BLOCK_N = 64  # the dequantize kernel is bound by its writes; rows of 64 fp16 are 128-byte stores
 
 
@@ -62,8 +63,9 @@ def _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G:
 def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
                 M, N, NB, stride_xm, M_BUCKET,
                 G: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PLANE: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_BLOCKS: tl.constexpr):
     # M_BUCKET is only an autotuning key: one tuning per power-of-two bucket of M, not per M.
+    # K_BLOCKS: the K-blocks one program sums, atomically added into fp32 y; 0: all of them, stored in y's dtype.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -75,7 +77,13 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
     # The interpreter computes bf16 dots and sums wrongly, so it upcasts; a GPU dots in the activation dtype.
     dot_ty = tl.float32 if UPCAST else x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(pid_k, NB, SPLIT_K):
+    if K_BLOCKS == 0:
+        b_lo = 0
+        b_hi = NB
+    else:
+        b_lo = pid_k * K_BLOCKS
+        b_hi = tl.minimum(b_lo + K_BLOCKS, NB)
+    for b in range(b_lo, b_hi):
         p_lo = tl.load(pp_ptr + b)
         p_hi = tl.load(pp_ptr + b + 1)
         for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
@@ -95,7 +103,7 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_offs = rm[:, None] * N + rn[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
+    if K_BLOCKS == 0:
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
     else:
         tl.atomic_add(y_ptr + y_offs, acc, mask=y_ok, sem="relaxed")  # order is irrelevant to a sum
@@ -118,20 +126,24 @@ def _dequant_kernel(planes_ptr, ar_ptr, ac_ptr, pp_ptr, wt_ptr, N, G: tl.constex
 
 
 def _configs(gemv: bool) -> list[triton.Config]:
-    if INTERPRET:  # small tiles keep the interpreter fast; SPLIT_K=2 still exercises the atomics
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2 if gemv else 1}, num_warps=4)]
-    if gemv:
-        return [triton.Config({"BLOCK_M": GEMV_BLOCK_M, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w)
-                for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for w in (4, 8)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w)
+    if INTERPRET:  # small tiles keep the interpreter fast; one K-block per program exercises the atomics
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "K_BLOCKS": 1 if gemv else 0}, num_warps=4)]
+    if gemv:  # down to one K-block per program: the H100 tuner took the finest split of the first grid (8 splits)
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": kb}, num_warps=w)
+                for bm in SPLIT_BLOCK_M for bn in (32, 64, 128) for kb in (1, 2, 4, 8) for w in (4, 8)
+                if bm * bn <= 4096]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": 0}, num_warps=w)
             for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
             if bm * bn <= 8192]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip timing tiles taller than M needs and K-splits beyond the number of K-blocks."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["M_BUCKET"])
-            and c.kwargs["SPLIT_K"] <= named_args["NB"]]
+    """Time only tiles that M needs: the tile launch skips tiles taller than M; the split-K launch takes the one
+    M tile that covers M (up to 64) and no more K-blocks per program than there are."""
+    m, nb = named_args["M_BUCKET"], named_args["NB"]
+    split_m = min(max(m, SPLIT_BLOCK_M[0]), SPLIT_BLOCK_M[-1])
+    kept = [c for c in configs if (c.kwargs["K_BLOCKS"] == 0 and c.kwargs["BLOCK_M"] <= max(16, m))
+            or (0 < c.kwargs["K_BLOCKS"] <= nb and c.kwargs["BLOCK_M"] == split_m)]
     return kept or configs[:1]
 
 
@@ -163,7 +175,8 @@ def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> Non
     if m == 0:
         return
     bias = w.bias if w.bias is not None else w.alpha_r  # any valid pointer when HAS_BIAS is off
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         triton.cdiv(w.num_blocks, meta["K_BLOCKS"] or w.num_blocks))
     kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, y,
                  m, n, w.num_blocks, x2.stride(0), triton.next_power_of_2(m),
                  G=w.block_size, HAS_BIAS=w.bias is not None, PER_PLANE=per_plane,
@@ -171,7 +184,8 @@ def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> Non
 
 
 def bcq_gemv(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
-    """Small-M path (meant for M ≤ 16): split-K into an fp32 buffer, then cast to x.dtype."""
+    """Split-K path for small and middle M: partial sums over K-blocks added into an fp32 buffer, then cast to
+    x.dtype. One program covers at most 64 rows of x, so above that each M tile unpacks the weight again."""
     x2 = _check(x, w)
     y = torch.zeros(x2.shape[0], w.out_features, device=x.device, dtype=torch.float32)
     _launch(_gemv_kernel, x2, w, y, per_plane)

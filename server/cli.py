@@ -34,6 +34,8 @@ def parser() -> ArgumentParser:
                     help="requests denoised together (default 8; a CFG request counts two)")
     ap.add_argument("--max-batch-tokens", type=bounded(int, "--max-batch-tokens", 1), default=16384,
                     help="token budget of the running requests' whole sequences (default 16384)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay cached window forwards from CUDA graphs (needs a CUDA device)")
     ap.add_argument("--max-model-len", type=bounded(int, "--max-model-len", 1), default=None,
                     help="longest prompt plus canvas (default: the model's context); sizes the KV pool")
     ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,
@@ -59,9 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         device = resolve_device(args.device)
+        if args.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device; the device is {device}")
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
         llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
-                  max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len)
+                  max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
+                  cuda_graphs=args.cuda_graphs)
         defaults = generation_defaults(args.model)
         SamplingParams(**defaults)  # a manifest with bad defaults is refused here, not on the first request
     except ValueError as e:  # CheckpointError and bad settings: one line each

@@ -233,7 +233,9 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
 
 @pytest.mark.parametrize("args,message", [(["/no/such/model"], "not a directory"),
                                           ([str(ASSET), "--port", "http"], "--port must be an integer"),
-                                          ([str(ASSET), "--max-batch", "0"], "--max-batch must be")])
+                                          ([str(ASSET), "--max-batch", "0"], "--max-batch must be"),
+                                          ([str(ASSET), "--device", "cpu", "--cuda-graphs"],
+                                           "--cuda-graphs needs a CUDA device; the device is cpu")])
 def test_bad_cli_input_is_one_line(args, message):
     r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
