@@ -170,7 +170,8 @@ def _check(x: Tensor, w: BCQWeight) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> None:
+def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool, **tile) -> None:
+    """`tile`: BLOCK_M, BLOCK_N, K_BLOCKS and num_warps, when `kernel` is `_bcq_kernel` itself, not a tuner."""
     m, n = x2.shape[0], w.out_features
     if m == 0:
         return
@@ -180,7 +181,7 @@ def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool) -> Non
     kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, y,
                  m, n, w.num_blocks, x2.stride(0), triton.next_power_of_2(m),
                  G=w.block_size, HAS_BIAS=w.bias is not None, PER_PLANE=per_plane,
-                 UPCAST=INTERPRET and x2.dtype == torch.bfloat16)
+                 UPCAST=INTERPRET and x2.dtype == torch.bfloat16, **tile)
 
 
 def bcq_gemv(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:

@@ -49,6 +49,19 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def two_tiles_on_gpu():
+    """On a GPU, the launches autotune over their first and last tiles only: the full sets would compile
+    hundreds of variants for these small shapes. test_gpu_tile_spread runs a spread of the rest directly."""
+    tuners = [] if bcq is None or DEVICE == "cpu" else [bcq._gemv_kernel, bcq._tile_kernel]
+    saved = [t.configs for t in tuners]
+    for t in tuners:
+        t.configs = [t.configs[0], t.configs[-1]]
+    yield
+    for t, configs in zip(tuners, saved):
+        t.configs = configs
+
+
 @pytest.fixture(scope="module")
 def weight():
     """N = 80 is no multiple of the tiles; mixed orders 1..3 over K = 4 blocks of 32; on DEVICE."""
@@ -279,3 +292,24 @@ def test_gpu_kernels_and_dispatch(dtype, m):
     for name, kernel in KERNELS.items():
         assert rel_err(kernel(x, w), ref) <= TOL[dtype], name
     assert rel_err(bcq_linear(x, w), ref) <= TOL[dtype]
+
+
+@needs_triton
+@cuda
+@pytest.mark.parametrize("gemv", [True, False])
+def test_gpu_tile_spread(gemv):
+    """A spread of the tiles each launch autotunes over, from the smallest to the largest (every M tile, N
+    tile and K split), each with both variants, run directly on N = 1000 (no multiple of any tile)."""
+    configs = bcq._configs(gemv)
+    spread = configs[:: max(1, len(configs) // 6)]
+    spread += [] if configs[-1] in spread else [configs[-1]]
+    codes, _ = random_codes([1, 3, 2, 2, 2, 2, 1, 3], n=1000, g=128, seed=11)
+    w = pack(codes, bias=torch.randn(1000).half()).to("cuda")
+    x = torch.randn(70, w.in_features, device="cuda", dtype=torch.float16)
+    ref = bcq_linear_reference(x.double(), w)
+    for cfg in spread:
+        for per_plane in (False, True):
+            y = (torch.zeros if gemv else torch.empty)(70, 1000, device="cuda",
+                                                        dtype=torch.float32 if gemv else torch.float16)
+            bcq._launch(bcq._bcq_kernel, x, w, y, per_plane, **cfg.kwargs, num_warps=cfg.num_warps)
+            assert rel_err(y, ref) <= TOL[torch.float16], (cfg, per_plane)
