@@ -9,7 +9,7 @@
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
-#   e2e-graphs     the same, b-d only, with --cuda-graphs (a has no window forwards to replay)
+#   e2e-graphs     the same with --cuda-graphs
 #   serve          benchmarks/serve.py on the shipped model's 2-bit artifact (converted first if missing)
 #
 # PYTHON: the interpreter that has qdllm installed (default python3; pytest and qdllm-serve must sit
@@ -46,7 +46,7 @@ run_step() {
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
-        e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --configs bcd --out "$RESULTS/e2e-$SLUG" ;;
+        e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --out "$RESULTS/e2e-$SLUG" ;;
         serve)
             if [[ ! -f $ARTIFACT/qdllm.json ]]; then
                 "$BIN/qdllm-convert" assets/llada-shakespeare "$ARTIFACT" --resume || return

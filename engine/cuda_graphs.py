@@ -1,14 +1,18 @@
-"""CUDA graphs for window forwards: each shape is captured once, then replayed step after step.
+"""CUDA graphs for the engine's forwards: each shape is captured once, then replayed.
 
-Eager, a forward is bound by kernel launches: on an H100, LLaDA-8B's fp16 forward of a 32-token block took
-about 26 ms, against 5.4 ms to read its weights, because each layer launches dozens of small kernels from
-Python. A cached request's window forward repeats the same shapes every step of a block (the same rows,
-window and cache read length), so one capture serves them all. Full forwards (cache refreshes and
-cache="none") stay eager: their length changes with the prompt, and their compute dwarfs the launches.
+Eager, a small forward is bound by kernel launches: on an H100, LLaDA-8B's fp16 forward of a 32-token block
+took about 26 ms, against 5.4 ms to read its weights, because each layer launches dozens of small kernels
+from Python. The engine's forwards repeat their shapes: a cached request's window forwards keep the same
+rows, window and cache read length through a block, and its full forwards (the refresh at each block
+start, or every step without a cache) keep its sequence length. So each shape is captured once and
+replayed from then on.
 
-Batches are padded to a bucket of rows (powers of two, then max_num_seqs) so a request joining or leaving
-does not force a new capture. A graph reads its inputs from, and writes its logits to, fixed tensors: the
-logits a replay returns stay valid until the same graph replays again.
+Shapes are bucketed so that requests coming and going do not force new captures: rows are padded to a power
+of two (at most max_num_seqs) and full forwards to a multiple of LENGTH_STEP tokens; padding tokens are
+masked out of attention and store their K/V at the pool's scratch position. Forwards of more than
+`max_tokens` padded tokens stay eager: their compute dwarfs the launches, and their activations would stay
+reserved in the graphs' memory pool. A graph reads its inputs from, and writes its logits to, fixed tensors:
+the logits a replay returns stay valid until the same graph replays again.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .kv_cache import KVPool
 from .model import DiffusionLM
 
 Capture = Callable[[Callable[[], Tensor]], tuple[Callable[[], None], Tensor]]
+LENGTH_STEP = 64  # full forwards are padded to a multiple of this many tokens
 
 
 class CudaGraphCapture:
@@ -43,32 +48,39 @@ class CudaGraphCapture:
         return graph.replay, out
 
 
-class WindowGraphs:
-    """The captured window forwards of one engine, least recently used first out beyond `max_graphs`."""
+class ForwardGraphs:
+    """The captured forwards of one engine, least recently used first out beyond `max_graphs`."""
 
-    def __init__(self, model: DiffusionLM, max_num_seqs: int, capture: Capture | None = None, max_graphs: int = 32):
-        self.model, self.max_num_seqs, self.max_graphs = model, max_num_seqs, max_graphs
+    def __init__(self, model: DiffusionLM, max_num_seqs: int, capture: Capture | None = None, max_graphs: int = 32,
+                 max_tokens: int = 2048):
+        self.model, self.max_num_seqs = model, max_num_seqs
+        self.max_graphs, self.max_tokens = max_graphs, max_tokens
         self.capture = capture if capture is not None else CudaGraphCapture()
         self.graphs: OrderedDict[tuple, tuple[Callable[[], None], list[Tensor], Tensor]] = OrderedDict()
         self.pool_k: Tensor | None = None
         self.captures = 0
 
-    def rows(self, batch: int) -> int:
-        """The padded row count for a batch of `batch` rows."""
-        bucket = 1
-        while bucket < batch:
-            bucket *= 2
-        return min(bucket, self.max_num_seqs)
+    def shape(self, batch: int, length: int, full: bool) -> tuple[int, int] | None:
+        """The padded (rows, tokens per row) of a forward of `batch` rows of `length` tokens, or None if
+        that forward runs eagerly."""
+        rows = 1
+        while rows < batch:
+            rows *= 2
+        rows = min(rows, self.max_num_seqs)
+        if full:
+            length = -(-length // LENGTH_STEP) * LENGTH_STEP
+        return (rows, length) if rows * length <= self.max_tokens else None
 
-    def forward(self, pool: KVPool, ids: Tensor, positions: Tensor, key_mask: Tensor, write_slot: Tensor,
-                write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
-        """What `model(ids, positions, key_mask, pool.view(write_slot, write_position, read_slot, read),
-        logits_at)` returns, with read = key_mask's width; rows already padded to `rows(batch)`."""
-        if pool.k is not self.pool_k:  # the pool grew: every graph holds the old tensors
+    def forward(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
+                write_slot: Tensor, write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
+        """What the model returns for these inputs, already padded to `shape`: with `pool`, the fed tokens'
+        K/V are stored and attention reads the fed tokens (`full`) or the first key_mask.shape[1] positions
+        of each row's read_slot."""
+        if pool is not None and pool.k is not self.pool_k:  # the pool grew: graphs hold the old tensors
             self.graphs.clear()
             self.pool_k = pool.k
         inputs = [ids, positions, key_mask, write_slot, write_position, read_slot, logits_at]
-        key = (*ids.shape, key_mask.shape[1], logits_at.shape[1])
+        key = (full, pool is None, *ids.shape, key_mask.shape[1], logits_at.shape[1])
         if key in self.graphs:
             self.graphs.move_to_end(key)
             replay, static, out = self.graphs[key]
@@ -76,13 +88,17 @@ class WindowGraphs:
                 dst.copy_(src)
         else:
             static = [t.to(ids.device, copy=True) for t in inputs]
-            s_ids, s_pos, s_mask, s_ws, s_wp, s_rs, s_at = static
-            read = key_mask.shape[1]
-            replay, out = self.capture(lambda: self.model(
-                s_ids, positions=s_pos, key_mask=s_mask, cache=pool.view(s_ws, s_wp, s_rs, read), logits_at=s_at))
+            replay, out = self.capture(lambda: self._run(pool, full, *static))
             self.graphs[key] = (replay, static, out)
             self.captures += 1
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         replay()
         return out
+
+    def _run(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
+             write_slot: Tensor, write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
+        cache = None
+        if pool is not None:
+            cache = pool.view(write_slot, write_position, None if full else read_slot, key_mask.shape[1])
+        return self.model(ids, positions=positions, key_mask=key_mask, cache=cache, logits_at=logits_at)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cuda_graphs import WindowGraphs
+from .cuda_graphs import ForwardGraphs
 from .kv_cache import KVPool
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
@@ -64,7 +64,7 @@ class EngineCore:
     max_batch_tokens: cap on the tokens of the running requests' full sequences (rows x length); one
                       request alone is always admitted.
     max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
-    cuda_graphs:      replay window forwards from CUDA graphs (cuda_graphs.py); needs a CUDA device.
+    cuda_graphs:      replay forwards of up to 2048 padded tokens from CUDA graphs (cuda_graphs.py); needs CUDA.
     """
 
     def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
@@ -76,7 +76,7 @@ class EngineCore:
         self.device = model.embed.weight.device
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
-        self.graphs = WindowGraphs(model, max_num_seqs) if cuda_graphs else None
+        self.graphs = ForwardGraphs(model, max_num_seqs) if cuda_graphs else None
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         self.pool: KVPool | None = None  # allocated at the first request that uses a cache
@@ -205,12 +205,12 @@ class EngineCore:
         self.pool.reserve(length)
 
     def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
-        """One padded forward for the group; the block logits [rows, block, V] of each request. Window forwards
-        go through the CUDA graphs when the engine has them, with the rows padded to the graphs' bucket."""
-        graphs = self.graphs if not full else None
+        """One padded forward for the group; the block logits [rows, block, V] of each request. With CUDA
+        graphs, a forward they take is padded to their shape and replayed."""
         B = sum(r.seq.rows for r, _ in group)
-        rows = graphs.rows(B) if graphs is not None else B
         L = max(w.hi - w.lo for _, w in group)
+        shape = self.graphs.shape(B, L, full) if self.graphs is not None else None
+        rows, L = shape or (B, L)
         n = max(w.end - w.start for _, w in group)
         cached = any(r.params.cache != "none" for r, _ in group)
         pool = self.pool
@@ -239,8 +239,9 @@ class EngineCore:
                 key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
                 logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
                 row += 1
-        if graphs is not None:
-            logits = graphs.forward(pool, ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at)
+        if shape is not None:
+            logits = self.graphs.forward(pool if cached else None, full, ids, positions, key_mask, write_slot,
+                                         write_pos, read_slot, logits_at)
         else:
             view = None
             if cached:
@@ -248,7 +249,7 @@ class EngineCore:
             logits = self.model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
                                 logits_at=logits_at.to(dev))
         st = self.stats
-        st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + B * L, st.nfe + B
+        st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + rows * L, st.nfe + B
         out, row = [], 0
         for r, w in group:
             out.append(logits[row: row + r.seq.rows, : w.end - w.start])

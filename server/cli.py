@@ -35,7 +35,7 @@ def parser() -> ArgumentParser:
     ap.add_argument("--max-batch-tokens", type=bounded(int, "--max-batch-tokens", 1), default=16384,
                     help="token budget of the running requests' whole sequences (default 16384)")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="replay cached window forwards from CUDA graphs (needs a CUDA device)")
+                    help="replay forwards of up to 2048 padded tokens from CUDA graphs (needs a CUDA device)")
     ap.add_argument("--max-model-len", type=bounded(int, "--max-model-len", 1), default=None,
                     help="longest prompt plus canvas (default: the model's context); sizes the KV pool")
     ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,

@@ -1,4 +1,4 @@
-"""Window forwards replayed from CUDA graphs (engine/cuda_graphs.py).
+"""Forwards replayed from CUDA graphs (engine/cuda_graphs.py).
 
 Without a GPU, a stand-in capture replays by re-running the recorded forward on the same fixed input
 tensors into the same output tensor, which is what a CUDA graph replay does; so the CPU tests check the
@@ -7,10 +7,9 @@ eviction. The real capture runs in the CUDA test at the end.
 """
 import pytest
 import torch
-from test_engine import REQUESTS, alone, drain
-
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
-from qdllm.engine.cuda_graphs import WindowGraphs
+from qdllm.engine.cuda_graphs import ForwardGraphs
+from test_engine import REQUESTS, alone, drain
 
 
 class Replaying:
@@ -28,9 +27,10 @@ class Replaying:
         return replay, out
 
 
-def graph_core(model, max_num_seqs=8, max_graphs=32):
+def graph_core(model, max_num_seqs=8, max_graphs=32, max_tokens=2048):
     core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=max_num_seqs)
-    core.graphs = WindowGraphs(model, max_num_seqs, capture=Replaying(), max_graphs=max_graphs)
+    core.graphs = ForwardGraphs(model, max_num_seqs, capture=Replaying(), max_graphs=max_graphs,
+                                max_tokens=max_tokens)
     return core
 
 
@@ -38,20 +38,25 @@ def tokens(outputs, ids):
     return [outputs[i][-1].token_ids for i in ids]
 
 
-@pytest.mark.parametrize("max_graphs", [32, 2])
-def test_replayed_windows_give_the_tokens_of_eager_forwards(model_dir, max_graphs):
-    """Mixed caches, CFG and arrivals between steps: batches of 1 to 6 rows padded to 1, 2, 4 or 8."""
+@pytest.mark.parametrize("max_graphs, max_tokens", [(32, 2048), (2, 2048), (32, 128)])
+def test_replayed_forwards_give_the_tokens_of_eager_forwards(model_dir, max_graphs, max_tokens):
+    """Mixed caches, CFG and arrivals between steps: full and window forwards of 1 to 6 rows, padded to 1,
+    2, 4 or 8 rows and full ones to a multiple of 64 tokens; with max_tokens=128 the larger ones stay eager."""
     model = load_model(model_dir)
     stagger = {2 * i: r for i, r in enumerate(REQUESTS)}
     eager = drain(EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8), stagger)
-    core = graph_core(model, max_graphs=max_graphs)
+    core = graph_core(model, max_graphs=max_graphs, max_tokens=max_tokens)
     replayed = drain(core, stagger)
     ids = sorted(eager)
     assert tokens(replayed, ids) == tokens(eager, ids)
     graphs, capture = core.graphs, core.graphs.capture
-    assert 0 < graphs.captures < capture.replays  # shapes repeat within a block: captured once, replayed
+    assert 0 < graphs.captures < capture.replays  # shapes repeat: captured once, replayed
+    assert (capture.replays < core.stats.forwards) == (max_tokens == 128)  # the larger forwards stay eager
     assert len(graphs.graphs) <= max_graphs
-    assert all(key[0] in (1, 2, 4, 8) for key in graphs.graphs)
+    for full, _, rows, length, _, _ in graphs.graphs:
+        assert rows in (1, 2, 4, 8) and rows * length <= max_tokens and (not full or length % 64 == 0)
+    if max_graphs > 2:  # both kinds of forward were captured (with eviction only the latest shapes are left)
+        assert {key[0] for key in graphs.graphs} == {True, False}
 
 
 def test_a_growing_pool_drops_the_graphs_that_hold_the_old_one(llada_dir):
@@ -67,13 +72,19 @@ def test_a_growing_pool_drops_the_graphs_that_hold_the_old_one(llada_dir):
     core.add_request(*long, request_id="long")
     out = drain(core)["long"][-1]
     assert core.pool.k is not old and core.pool.length == 256
-    assert all(key[2] == 164 for key in core.graphs.graphs)  # only the long request's read length is left
+    assert {key[4] for key in core.graphs.graphs} == {192, 164}  # only the long request's full and window reads
     assert out.token_ids == alone(model, *long).token_ids
 
 
-def test_rows_are_padded_to_powers_of_two_up_to_the_slots(llada_dir):
-    graphs = WindowGraphs(load_model(llada_dir), max_num_seqs=12, capture=Replaying())
-    assert [graphs.rows(b) for b in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+def test_graph_shapes_pad_rows_and_full_lengths_up_to_the_token_cap(llada_dir):
+    graphs = ForwardGraphs(load_model(llada_dir), max_num_seqs=12, capture=Replaying(), max_tokens=1024)
+    assert [graphs.shape(b, 32, False)[0] for b in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert graphs.shape(3, 33, False) == (4, 33)  # windows keep their length
+    assert graphs.shape(3, 33, True) == (4, 64)
+    assert graphs.shape(3, 193, True) == (4, 256)  # 1024 tokens: at the cap
+    assert graphs.shape(3, 257, True) is None  # 4 x 320 tokens: eager
+    assert graphs.shape(9, 85, False) == (12, 85)
+    assert graphs.shape(9, 86, False) is None
 
 
 def test_cuda_graphs_need_a_cuda_device(llada_dir):
@@ -86,23 +97,20 @@ def test_cuda_graphs_need_a_cuda_device(llada_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_match_eager_logits(model_dir):
-    """The real capture: every window forward of mixed requests, replayed, against the same forward run eagerly
-    on the same inputs (before the replay's K/V writes, which store the same values)."""
+    """The real capture: every replayed forward of mixed requests (full and window, padded), against the same
+    forward run eagerly on the same inputs just before (its K/V writes store the same values)."""
     model = load_model(model_dir, device="cuda", dtype=torch.float16)
     core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8, cuda_graphs=True)
     graphs = core.graphs
     replay_forward, checked = graphs.forward, []
 
-    def checked_forward(pool, ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at):
-        dev = ids.device
-        view = pool.view(write_slot.to(dev), write_pos.to(dev), read_slot.to(dev), key_mask.shape[1])
-        eager = model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
-                      logits_at=logits_at.to(dev))
-        replayed = replay_forward(pool, ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at)
+    def checked_forward(pool, full, *inputs):
+        eager = graphs._run(pool, full, *[t.to("cuda") for t in inputs])
+        replayed = replay_forward(pool, full, *inputs)
         torch.testing.assert_close(replayed.float(), eager.float(), rtol=2e-2, atol=2e-2)
-        checked.append(ids.shape)
+        checked.append(full)
         return replayed
 
     graphs.forward = checked_forward
     drain(core, {2 * i: r for i, r in enumerate(REQUESTS)})
-    assert len(checked) > graphs.captures > 0
+    assert len(checked) > graphs.captures > 0 and set(checked) == {True, False}
