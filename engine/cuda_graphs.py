@@ -29,6 +29,18 @@ Capture = Callable[[Callable[[], Tensor]], tuple[Callable[[], None], Tensor]]
 LENGTH_STEP = 64  # full forwards are padded to a multiple of this many tokens
 
 
+def run_forward(model: DiffusionLM, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor,
+                key_mask: Tensor, write_slot: Tensor, write_position: Tensor, read_slot: Tensor,
+                logits_at: Tensor) -> Tensor:
+    """One batched forward as the engine runs it, eager or captured: with `pool`, the fed tokens' K/V are
+    stored and attention reads the fed tokens (`full`) or the first key_mask.shape[1] positions of each
+    row's read_slot."""
+    cache = None
+    if pool is not None:
+        cache = pool.view(write_slot, write_position, None if full else read_slot, key_mask.shape[1])
+    return model(ids, positions=positions, key_mask=key_mask, cache=cache, logits_at=logits_at)
+
+
 class CudaGraphCapture:
     """capture(fn) -> (replay, output): fn run once to warm up, then recorded. Every graph shares one memory
     pool, which is safe because replays never overlap (one engine thread, one stream)."""
@@ -73,9 +85,7 @@ class ForwardGraphs:
 
     def forward(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
                 write_slot: Tensor, write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
-        """What the model returns for these inputs, already padded to `shape`: with `pool`, the fed tokens'
-        K/V are stored and attention reads the fed tokens (`full`) or the first key_mask.shape[1] positions
-        of each row's read_slot."""
+        """`run_forward` on these inputs (padded to `shape`), from a replay."""
         if pool is not None and pool.k is not self.pool_k:  # the pool grew: graphs hold the old tensors
             self.graphs.clear()
             self.pool_k = pool.k
@@ -88,17 +98,10 @@ class ForwardGraphs:
                 dst.copy_(src)
         else:
             static = [t.to(ids.device, copy=True) for t in inputs]
-            replay, out = self.capture(lambda: self._run(pool, full, *static))
+            replay, out = self.capture(lambda: run_forward(self.model, pool, full, *static))
             self.graphs[key] = (replay, static, out)
             self.captures += 1
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         replay()
         return out
-
-    def _run(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
-             write_slot: Tensor, write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
-        cache = None
-        if pool is not None:
-            cache = pool.view(write_slot, write_position, None if full else read_slot, key_mask.shape[1])
-        return self.model(ids, positions=positions, key_mask=key_mask, cache=cache, logits_at=logits_at)

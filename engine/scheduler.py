@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cuda_graphs import ForwardGraphs
+from .cuda_graphs import ForwardGraphs, run_forward
 from .kv_cache import KVPool
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
@@ -239,15 +239,12 @@ class EngineCore:
                 key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
                 logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
                 row += 1
+        inputs = (ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at)
+        pool = pool if cached else None
         if shape is not None:
-            logits = self.graphs.forward(pool if cached else None, full, ids, positions, key_mask, write_slot,
-                                         write_pos, read_slot, logits_at)
+            logits = self.graphs.forward(pool, full, *inputs)
         else:
-            view = None
-            if cached:
-                view = pool.view(write_slot.to(dev), write_pos.to(dev), None if full else read_slot.to(dev), read)
-            logits = self.model(ids, positions=positions.to(dev), key_mask=key_mask.to(dev), cache=view,
-                                logits_at=logits_at.to(dev))
+            logits = run_forward(self.model, pool, full, *(t.to(dev) for t in inputs))
         st = self.stats
         st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + rows * L, st.nfe + B
         out, row = [], 0

@@ -8,7 +8,7 @@ eviction. The real capture runs in the CUDA test at the end.
 import pytest
 import torch
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
-from qdllm.engine.cuda_graphs import ForwardGraphs
+from qdllm.engine.cuda_graphs import ForwardGraphs, run_forward
 from test_engine import REQUESTS, alone, drain
 
 
@@ -105,7 +105,7 @@ def test_cuda_graph_replays_match_eager_logits(model_dir):
     replay_forward, checked = graphs.forward, []
 
     def checked_forward(pool, full, *inputs):
-        eager = graphs._run(pool, full, *[t.to("cuda") for t in inputs])
+        eager = run_forward(model, pool, full, *[t.to("cuda") for t in inputs])
         replayed = replay_forward(pool, full, *inputs)
         torch.testing.assert_close(replayed.float(), eager.float(), rtol=2e-2, atol=2e-2)
         checked.append(full)
