@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from qdllm.kernels import bcq_linear, bcq_linear_reference, dequantize, pack, pack_signs, unpack_signs
+from qdllm.kernels import bcq_linear, bcq_linear_reference, dequantize, pack, pack_signs, reference, unpack_signs
 
 try:
     from qdllm.kernels import bcq
@@ -135,6 +135,13 @@ def test_dequantize_equals_the_float64_construction():
     w = pack(codes)
     assert torch.equal(dequantize(w, torch.float64), expected)
     assert torch.equal(dequantize(w, torch.float16), expected.half())
+
+
+@pytest.mark.parametrize("chunk", [1, 3 * 64 * 8 + 1])  # one row per step; 3 rows and a short last step
+def test_dequantize_in_row_chunks(monkeypatch, chunk):
+    codes, expected = random_codes([2, 1, 3, 2], n=10, g=64, seed=1)
+    monkeypatch.setattr(reference, "CHUNK", chunk)
+    assert torch.equal(dequantize(pack(codes), torch.float64), expected)
 
 
 def test_reference_linear_with_bias():
