@@ -194,6 +194,7 @@ def main() -> None:
                  "2bit": lambda: random_model(cfg, True, device, dtype, args.backend)}
         b_eff = random_bits(cfg)
     else:
+        b_eff = None  # read from the 2-bit model once it is built
         tok = load_tokenizer(args.model)
         build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype),
                  "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}
@@ -269,7 +270,7 @@ def main() -> None:
                 speedups(results)
                 record = {"benchmark": "e2e", "environment": env, "settings": settings,
                           "complete": len(results) == len(configs) * len(batches), "results": results,
-                          "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
+                          "fits": None if b_eff is None else fits_table(cfg, b_eff, prompt_len, args.gen)}
                 write_results(out, record, plot)
                 bar.update()
                 del core  # its pool, graphs and model go before the next engine is built

@@ -1,6 +1,8 @@
-"""benchmarks/gpu.sh refuses bad steps and limits with one line, before it looks for a GPU."""
+"""benchmarks/gpu.sh refuses bad steps and limits with one line, before it looks for a GPU; e2e.py runs on the CPU
+on the shipped model and its 2-bit artifact."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+ROOT = Path(__file__).parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu.sh"
+ASSET = ROOT / "assets" / "llada-shakespeare"
 
 
 def gpu_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -34,3 +38,23 @@ def test_gpu_script_measures_nothing_without_cuda():
     r = gpu_sh("e2e:60")
     message = f"gpu.sh: {sys.executable} sees no CUDA GPU; nothing was measured"
     assert (r.returncode, r.stdout.strip(), r.stderr) == (2, message, "")
+
+
+def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path):
+    """The CPU path of e2e.py (--model with --artifact): one dense and one 2-bit configuration, with the
+    artifact's effective bits in the record."""
+    art = tmp_path / "art"
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([str(bin_dir / "qdllm-convert"), str(ASSET), str(art), "--nsamples", "16", "--seqlen", "64",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--model", str(ASSET), "--artifact",
+                        str(art), "--gen", "32", "--batch", "1", "--repeats", "1", "--configs", "bd",
+                        "--out", str(tmp_path / "e2e")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "e2e-llada-shakespeare-cpu.json").read_text())
+    manifest = json.loads((art / "qdllm.json").read_text())
+    assert record["complete"] and record["settings"]["effective_bits"] == manifest["effective_bits"]
+    assert [(x["config"], x["batch"]) for x in record["results"]] == [("d", 1), ("b", 1)]
+    assert all(x["tokens_per_s"]["median"] > 0 and x["nfe_per_request"] <= 32 for x in record["results"])
+    assert [row["weights"] for row in record["fits"]].count("2bit") == len(record["fits"]) // 2
