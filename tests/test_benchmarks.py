@@ -40,14 +40,10 @@ def test_gpu_script_measures_nothing_without_cuda():
     assert (r.returncode, r.stdout.strip(), r.stderr) == (2, message, "")
 
 
-def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path):
+def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     """The CPU path of e2e.py (--model with --artifact): one dense and one 2-bit configuration, with the
     artifact's effective bits in the record."""
-    art = tmp_path / "art"
-    bin_dir = Path(sys.executable).parent
-    r = subprocess.run([str(bin_dir / "qdllm-convert"), str(ASSET), str(art), "--nsamples", "16", "--seqlen", "64",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    art = shipped_artifact
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--model", str(ASSET), "--artifact",
                         str(art), "--gen", "32", "--batch", "1", "--repeats", "1", "--configs", "bd",
                         "--out", str(tmp_path / "e2e")], capture_output=True, text=True, timeout=600)
