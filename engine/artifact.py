@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qdllm.kernels.dispatch import triton_unusable
 from qdllm.kernels.pack import BCQWeight
 
 from . import models
 from .errors import CheckpointError
-from .loader import load_state, read_config, shard_files
+from .loader import check_layer_count, empty_model, load_state, plain_file_name, read_config, shard_files
 from .model import DiffusionLM
 from .quant_linear import QuantLinear
 
@@ -43,11 +44,11 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     except (OSError, ValueError, AssertionError):
         raise CheckpointError(f"{file}: unreadable (expected the JSON manifest of a qdllm artifact)") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not 1.0 or true, which equal 1 in Python
         raise CheckpointError(f"{file}: unknown format_version {version!r} (this qdllm reads {FORMAT_VERSION}; "
                               "convert the checkpoint again with this version)")
     shards = manifest.get("shards")
-    if not isinstance(shards, dict) or not shards:
+    if not isinstance(shards, dict) or not shards or not all(map(plain_file_name, shards)):
         raise CheckpointError(f"{file}: field 'shards' must map shard file names to sha256 digests")
     if verify:
         for name, digest in shards.items():
@@ -57,6 +58,11 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             if sha256_file(shard) != digest:
                 raise CheckpointError(f"{shard}: sha256 does not match {MANIFEST} (the file is corrupt or was "
                                       "changed)")
+    quantization = manifest.get("quantization")
+    block_size = quantization.get("block_size") if isinstance(quantization, dict) else None
+    if type(block_size) is not int or block_size <= 0 or block_size % 32:
+        raise CheckpointError(f"{file}: field 'quantization.block_size' must be a positive multiple of 32, "
+                              f"got {block_size!r}")
     return manifest
 
 
@@ -70,7 +76,8 @@ def packed_linear(where: dict[str, Path], prefix: str, in_features: int, out_fea
     """The packed weight stored under `prefix` (e.g. `model.transformer.blocks.0.q_proj.`), checked."""
     missing = [prefix + p for p in PACKED if prefix + p not in where]
     if missing:
-        raise CheckpointError(f"missing tensor '{missing[0]}'")
+        folder = next(iter(where.values())).parent
+        raise CheckpointError(f"{folder}: missing tensor '{missing[0]}'")
     t = {p: _tensor(where, prefix + p) for p in PACKED}
     try:
         w = BCQWeight(**t, in_features=in_features, block_size=block_size, bias=bias)
@@ -86,14 +93,12 @@ def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | N
     """The native model with QuantLinear modules for packed linears and dense ones elsewhere."""
     manifest = read_manifest(path)
     cfg = read_config(path)
-    block_size = manifest.get("quantization", {}).get("block_size")
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise CheckpointError(f"{path / MANIFEST}: field 'quantization.block_size' must be a positive integer")
+    block_size = manifest["quantization"]["block_size"]
     dtype = dtype or cfg.torch_dtype or torch.float16
     family = models.FAMILIES[cfg.family]
-    where = shard_files(path)
-    with torch.device("meta"):
-        model = DiffusionLM(cfg)
+    where = shard_files(path, [path / name for name in manifest["shards"]])  # only the shards the hashes cover
+    model = empty_model(cfg, path)
+    check_layer_count(path, cfg, where)
     packed: dict[str, tuple[str, torch.nn.Linear]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith("layers."):
@@ -103,11 +108,16 @@ def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | N
             packed[name] = (prefix, module)
     shapes = {n: p.shape for n, p in model.state_dict().items()
               if not (n.endswith(".weight") and n.removesuffix(".weight") in packed)}
-    state = load_state(path, cfg, shapes, dtype, device)
+    state = load_state(path, cfg, shapes, dtype, device, where)
     model.load_state_dict(state, assign=True, strict=False)
     for name, (prefix, module) in packed.items():
         bias = state.get(f"{name}.bias")
         w = packed_linear(where, prefix, module.in_features, module.out_features, block_size, bias)
         parent, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, QuantLinear(w.to(device), backend))
+    if backend == "triton" and packed:  # refused now, not at the first forward (a server would fail every request)
+        w = model.get_submodule(next(iter(packed))).weight_packed
+        why = triton_unusable(torch.empty(0, device=device, dtype=dtype), w)
+        if why:
+            raise ValueError(f"backend 'triton' cannot run here: {why}")
     return model.eval().requires_grad_(False)

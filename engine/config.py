@@ -1,6 +1,7 @@
 """The one architecture description that every model family is parsed into."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,16 @@ class Fields:
     def int(self, key: str, default: object = _REQUIRED, minimum: int = 0) -> int:
         return self._get(key, default, lambda v: type(v) is int and v >= minimum, f"an integer >= {minimum}")
 
+    def token_id(self, key: str, vocab_size: int, default: object = _REQUIRED) -> int:
+        """A token id must index the embedding, or every forward that meets it fails deep inside torch."""
+        ok = lambda v: type(v) is int and 0 <= v < vocab_size
+        if default is not _REQUIRED and not ok(default):
+            default = _REQUIRED  # the family's default id does not fit this vocabulary
+        return self._get(key, default, ok, f"a token id in [0, {vocab_size})")
+
     def float(self, key: str, default: object = _REQUIRED) -> float:
-        ok = lambda v: type(v) in (int, float) and v > 0  # noqa: E731
-        return float(self._get(key, default, ok, "a positive number"))
+        ok = lambda v: type(v) in (int, float) and 0 < v < math.inf
+        return float(self._get(key, default, ok, "a positive finite number"))
 
     def bool(self, key: str, default: object = _REQUIRED) -> bool:
         return self._get(key, default, lambda v: type(v) is bool, "true or false")
@@ -75,16 +83,23 @@ class Fields:
         """Options that change the numerics and that qdllm does not implement are refused, not ignored."""
         return self._get(key, default, lambda v: v in allowed, f"one of {list(allowed)} (qdllm supports only these)")
 
-    def token_ids(self, key: str) -> tuple[int, ...]:
-        ok = lambda v: type(v) is int or (isinstance(v, list) and all(type(i) is int for i in v))  # noqa: E731
-        value = self._get(key, (), ok, "a token id or a list of token ids")
+    def token_ids(self, key: str, vocab_size: int) -> tuple[int, ...]:
+        ok_id = lambda i: type(i) is int and 0 <= i < vocab_size
+        ok = lambda v: ok_id(v) or (isinstance(v, list) and all(ok_id(i) for i in v))
+        value = self._get(key, (), ok, f"a token id or a list of token ids in [0, {vocab_size})")
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
     def dtype(self) -> torch.dtype | None:
-        name = self.raw.get("torch_dtype", self.raw.get("dtype"))
-        return _DTYPES.get(name) if isinstance(name, str) else None
+        """The declared dtype picks the default compute dtype, so an unknown one is refused, not ignored."""
+        key = "torch_dtype" if "torch_dtype" in self.raw else "dtype"
+        name = self._get(key, None, lambda v: isinstance(v, str) and v in _DTYPES, f"one of {list(_DTYPES)}")
+        return None if name is None else _DTYPES[name]
 
-    def check_divides(self, part: str, whole: str) -> None:
-        if self.raw[whole] % self.raw[part]:
-            raise CheckpointError(f"{self.path}: field '{whole}' ({self.raw[whole]}) must be a multiple "
-                                  f"of '{part}' ({self.raw[part]})")
+    def check_head_dim(self, heads: str, width: str) -> None:
+        """The width must split into heads of an even size: rotary embeddings rotate pairs of dimensions."""
+        if self.raw[width] % self.raw[heads]:
+            raise CheckpointError(f"{self.path}: field '{width}' ({self.raw[width]}) must be a multiple "
+                                  f"of '{heads}' ({self.raw[heads]})")
+        if self.raw[width] // self.raw[heads] % 2:
+            raise CheckpointError(f"{self.path}: field '{width}' / '{heads}' (the head size, "
+                                  f"{self.raw[width] // self.raw[heads]}) must be even for rotary embeddings")

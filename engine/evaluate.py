@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,10 @@ from tqdm import tqdm
 
 from .artifact import sha256_file
 from .corpus import DataError, read_texts, token_stream
-from .errors import ArgumentParser, bounded
+from .errors import SEED_MAX, ArgumentParser, bounded
 from .loader import BACKENDS, load_model, resolve_device
 from .model import DiffusionLM
-from .tokenizer import load_tokenizer
+from .tokenizer import check_vocab, load_tokenizer
 
 
 def mask_counts(L: int, mc: int, gen: torch.Generator) -> torch.Tensor:
@@ -133,23 +134,29 @@ def evaluate(model: DiffusionLM, ids: list[int], seqlen: int, mc: int, seed: int
     groups = [range(lo, min(lo + per_batch, full)) for lo in range(0, full, per_batch)]
     groups += [[full]] if len(parts) > full else []
     samples = []
-    bar = tqdm(total=len(parts), desc="qdllm-eval", unit="window", disable=not progress)
-    for group in groups:
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + w) for w in group]
-        samples.append(windows_nll(model, torch.stack([parts[w] for w in group]), mc, gens, batch_size))
-        bar.update(len(group))
-    bar.close()
+    # `with` closes the bar on an error too, so that the error starts a line of its own
+    with tqdm(total=len(parts), desc="qdllm-eval", unit="window", disable=not progress) as bar:
+        for group in groups:
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + w) for w in group]
+            samples.append(windows_nll(model, torch.stack([parts[w] for w in group]), mc, gens, batch_size))
+            bar.update(len(group))
     return Estimate(torch.tensor([len(w) for w in parts]), torch.cat(samples))
+
+
+MAX_MC = 65536  # far beyond any useful estimate; a larger count overflows inside torch
 
 
 def run(args: argparse.Namespace) -> Result:
     start = time.time()
+    if args.mc > MAX_MC:
+        raise ValueError(f"--mc must be at most {MAX_MC}, got {args.mc}")
     texts = read_texts(args.data)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
     model = load_model(args.model, device=device, dtype=dtype, backend=args.backend)
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
+    check_vocab(tokenizer, cfg.vocab_size, args.model)
     seqlen = args.seqlen or min(cfg.max_seq_len, 1024)
     if seqlen > cfg.max_seq_len:
         raise ValueError(f"--seqlen must be at most the model's max_sequence_length ({cfg.max_seq_len}), "
@@ -175,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, required=True, help="plain-text file, or .jsonl with a 'text' field")
     ap.add_argument("--mc", type=bounded(int, "--mc", 1), default=128,
                     help="Monte Carlo samples per window (default 128)")
-    ap.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
+    ap.add_argument("--seed", type=bounded(int, "--seed", 0, SEED_MAX), default=0, help="mask seed (default 0)")
     ap.add_argument("--seqlen", type=bounded(int, "--seqlen", 1), default=None,
                     help="window length in tokens (default: the model's max_sequence_length, at most 1024)")
     ap.add_argument("--batch-size", type=bounded(int, "--batch-size", 1), default=32, help="samples per forward")
@@ -187,18 +194,32 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def fail(message: object) -> NoReturn:
+    """One line and exit status 2, as for argparse's own refusals."""
+    print(f"qdllm-eval: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.json:  # the cases that can be seen before the run
+        if args.json.is_dir():
+            fail(f"--json {args.json}: is a directory (expected a file to write)")
+        for parent in args.json.parents:
+            if parent.exists() and not parent.is_dir():
+                fail(f"--json {args.json}: {parent} is a file, not a directory")
     try:
         result = run(args)
     except ValueError as e:  # CheckpointError, DataError and bad settings: one line each
-        print(f"qdllm-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     text = json.dumps(asdict(result), indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    print(text)  # first: a --json file that cannot be written must not lose the result
     se = "" if result.nll_stderr is None else f" ± {result.nll_stderr:.4f}"
     print(f"NLL bound {result.nll_per_token:.4f}{se} nats/token, perplexity bound {result.ppl_bound:.2f} "
           f"over {result.tokens} tokens", file=sys.stderr)
+    if args.json:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        except OSError as e:
+            fail(f"--json {args.json}: cannot be written ({e.strerror}); the result is printed above")

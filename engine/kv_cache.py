@@ -6,7 +6,9 @@ or over the first `read` positions of each row (a window forward: the block and 
 prefix cache, the block alone for the dual cache). Tokens that must not be stored (padding, and
 rows of requests without a cache) go to one scratch position past the end of row 0, which no read
 reaches, so a batch needs no per-row branches. (A whole scratch row would double the pool at batch 1.)
-The pool grows only when a longer sequence arrives, never per step.
+The pool grows only when a longer sequence arrives, never per step, and never past `max_length`. With a
+memory budget (`positions_within`) the engine allocates it whole at start-up instead, so running out of
+device memory shows then, not under load.
 """
 from __future__ import annotations
 
@@ -18,12 +20,29 @@ from .config import ModelConfig
 GROW = 128  # positions are allocated in multiples of this
 
 
+def position_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one position of one sequence, over all layers."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def positions_within(budget: int, cfg: ModelConfig, slots: int, dtype: torch.dtype) -> int:
+    """The longest row length whose pool (`slots` rows, each with one more position for the scratch) fits in
+    `budget` bytes."""
+    return max(0, budget // (slots * position_bytes(cfg, dtype)) - 1)
+
+
 class KVPool:
-    def __init__(self, cfg: ModelConfig, slots: int, length: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, slots: int, length: int, device: torch.device | str, dtype: torch.dtype,
+                 max_length: int | None = None):
         self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
+        self.max_length = max_length
         self.k = self.v = torch.empty(0)
         self.length = 0
         self.reserve(length)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
     @property
     def scratch_slot(self) -> int:
@@ -38,6 +57,8 @@ class KVPool:
         if length <= self.length:
             return
         new = -(-length // GROW) * GROW
+        if self.max_length is not None:  # the engine refuses longer sequences
+            new = min(new, self.max_length)
         shape = (self.cfg.n_layers, self.slots, new + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)

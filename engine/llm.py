@@ -10,7 +10,7 @@ from .loader import load_model, resolve_device
 from .output import Detokenizer, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import EngineCore
-from .tokenizer import chat_prompt, end_token_ids, load_tokenizer
+from .tokenizer import chat_prompt, check_vocab, end_token_ids, load_tokenizer
 
 Prompt = str | list[int]
 
@@ -20,16 +20,17 @@ class LLM:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
-                 max_model_len: int | None = None, cuda_graphs: bool = False):
+                 max_model_len: int | None = None, cuda_graphs: bool = False, kv_cache_memory: int | None = None):
         device = resolve_device(device)
         if cuda_graphs and device.type != "cuda":  # refused before the weights load
             raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
         self.model = load_model(path, device=device, dtype=dtype, backend=backend)
         self.tokenizer = load_tokenizer(path)
+        check_vocab(self.tokenizer, self.model.config.vocab_size, path)
         self.eos_ids = end_token_ids(self.tokenizer, self.model.config.eos_token_ids)
         self.engine = EngineCore(self.model, Detokenizer(self.tokenizer, self.eos_ids), max_num_seqs=max_num_seqs,
                                  max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
-                                 cuda_graphs=cuda_graphs)
+                                 cuda_graphs=cuda_graphs, kv_cache_memory=kv_cache_memory)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

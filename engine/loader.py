@@ -34,6 +34,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def read_config(path: str | Path) -> ModelConfig:
     """Parse a checkpoint directory's config.json."""
     file = Path(path) / "config.json"
+    if Path(path).is_file():
+        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     try:
         raw = json.loads(file.read_text())
     except FileNotFoundError:
@@ -49,17 +51,21 @@ def read_config(path: str | Path) -> ModelConfig:
     return family.parse_config(Fields(raw, str(file)))
 
 
-def shard_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it (single file or sharded index)."""
+def shard_files(path: Path, files: list[Path] | None = None) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it: from the sharded index, else from
+    `files` (an artifact's manifest lists its shards), else from every *.safetensors in the folder."""
     index = path / INDEX
-    if index.exists():
+    if files is None and index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             raise CheckpointError(f"{index}: unreadable (expected JSON with a 'weight_map' object)") from None
+        for name, file in weight_map.items():
+            if not plain_file_name(file):
+                raise CheckpointError(f"{index}: weight_map['{name}'] must name a file in {path}, got {file!r}")
         return {name: path / file for name, file in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) if files is None else files
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (and no {INDEX})")
     names: dict[str, Path] = {}
@@ -67,6 +73,31 @@ def shard_files(path: Path) -> dict[str, Path]:
         for name in _open(file).keys():
             names[name] = file
     return names
+
+
+def plain_file_name(name: object) -> bool:
+    """Shards are named by index files and manifests; they must lie in the checkpoint's own folder."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def check_layer_count(path: Path, cfg: ModelConfig, where: dict[str, Path]) -> None:
+    """Weights for layers beyond config.json's count mean the two disagree; loading would drop them silently."""
+    prefix = models.FAMILIES[cfg.family].LAYER_PREFIX.split("{")[0]
+    for name, file in where.items():
+        index = name.removeprefix(prefix).split(".")[0]
+        if name.startswith(prefix) and index.isdigit() and int(index) >= cfg.n_layers:
+            raise CheckpointError(f"{file}: holds '{name}', but {path / 'config.json'} declares only "
+                                  f"{cfg.n_layers} layer(s)")
+
+
+def empty_model(cfg: ModelConfig, path: Path) -> DiffusionLM:
+    """The model on the meta device; sizes too large for torch are refused like any other bad field."""
+    try:
+        with torch.device("meta"):
+            return DiffusionLM(cfg)
+    except (RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: sizes too large to build the model "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def _open(file: Path):
@@ -79,10 +110,11 @@ def _open(file: Path):
 
 
 def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtype: torch.dtype,
-               device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Read the native tensors named in `shapes` from the checkpoint, checking presence, shape and kind."""
+               device: str | torch.device, where: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """Read the native tensors named in `shapes` from the checkpoint (from the files of `where`, when given),
+    checking presence, shape and kind."""
     family = models.FAMILIES[cfg.family]
-    where = shard_files(path)
+    where = shard_files(path) if where is None else where
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for native in shapes:
         ckpt = models.checkpoint_name(family, native)
@@ -92,7 +124,10 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
     state = {}
     for file, names in by_file.items():
         handle = _open(file)
+        held = set(handle.keys())
         for native, ckpt in names:
+            if ckpt not in held:  # the index named the wrong shard
+                raise CheckpointError(f"{file}: has no tensor '{ckpt}' (named by {INDEX})")
             t = handle.get_tensor(ckpt)
             if t.shape != shapes[native]:
                 raise CheckpointError(
@@ -109,6 +144,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     logits [B, L, V]. `backend` picks the kernels of packed linears (dense checkpoints have none)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    device = resolve_device("cpu" if device is None else device)  # else torch fails deep inside, naming no argument
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
@@ -117,9 +155,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return load_artifact(path, device, dtype, backend)
     cfg = read_config(path)
     dtype = dtype or cfg.torch_dtype or torch.float32
-    with torch.device("meta"):
-        model = DiffusionLM(cfg)
+    model = empty_model(cfg, path)
+    where = shard_files(path)
+    check_layer_count(path, cfg, where)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
-    state = load_state(path, cfg, shapes, dtype, device)
+    state = load_state(path, cfg, shapes, dtype, device, where)
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)

@@ -1,6 +1,7 @@
 """Per-request generation settings, validated once so every later stage can trust them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 REMASKING = ("low_confidence", "random", "entropy", "margin", "origin")
@@ -15,7 +16,10 @@ def _is_int(v: object) -> bool:
 
 
 def _is_num(v: object) -> bool:
-    return type(v) in (int, float)
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class SamplingParams:
               "null or a number in (0, 1]")
         check("cfg_scale", _is_num(self.cfg_scale) and self.cfg_scale >= 0, "a number >= 0")
         check("cache", self.cache in CACHES, f"one of {list(CACHES)}")
-        check("seed", self.seed is None or _is_int(self.seed), "null or an integer")
+        check("seed", self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+              f"null or an integer in [{SEED_MIN}, {SEED_MAX}]")
         if isinstance(self.stop, str) or self.stop is None:
             object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
         check("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .cuda_graphs import ForwardGraphs, run_forward
-from .kv_cache import KVPool
+from .kv_cache import KVPool, position_bytes, positions_within
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
 from .sampling import SamplingParams
@@ -65,10 +65,14 @@ class EngineCore:
                       request alone is always admitted.
     max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
     cuda_graphs:      replay forwards of up to 2048 padded tokens from CUDA graphs (cuda_graphs.py); needs CUDA.
+    kv_cache_memory:  bytes for the KV pool, allocated whole now; max_model_len becomes what fits in it for
+                      every slot. None: the pool grows with the longest cached request (up to max_model_len
+                      in every slot), so the device can run out of memory under load.
     """
 
     def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
-                 max_batch_tokens: int = 16384, max_model_len: int | None = None, cuda_graphs: bool = False):
+                 max_batch_tokens: int = 16384, max_model_len: int | None = None, cuda_graphs: bool = False,
+                 kv_cache_memory: int | None = None):
         cfg = model.config
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
@@ -78,14 +82,45 @@ class EngineCore:
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
         self.graphs = ForwardGraphs(model, max_num_seqs) if cuda_graphs else None
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
-        self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
-        self.pool: KVPool | None = None  # allocated at the first request that uses a cache
+        if max_model_len is not None and not 1 <= max_model_len <= cfg.max_seq_len:
+            raise ValueError(f"max_model_len must be in [1, {cfg.max_seq_len}] (the model's context), "
+                             f"got {max_model_len}")
+        self.max_model_len = max_model_len or cfg.max_seq_len
+        self.limit = (f"max_model_len ({self.max_model_len} tokens)" if max_model_len
+                      else f"the model's context of {self.max_model_len} tokens")  # for the error of check()
+        self.pool: KVPool | None = None  # without a budget, allocated at the first request that uses a cache
+        if kv_cache_memory is not None:
+            fits = self._fit_kv_budget(kv_cache_memory, explicit=max_model_len is not None)
+            if fits < self.max_model_len:
+                self.max_model_len = fits
+                self.limit = f"the {fits} positions per sequence that kv_cache_memory holds"
+            w = model.embed.weight
+            self.pool = KVPool(cfg, max_num_seqs, self.max_model_len, w.device, w.dtype,
+                               max_length=self.max_model_len)
         self.free_slots = list(range(max_num_seqs))
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.aborts: set[str] = set()
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def _fit_kv_budget(self, budget: int, explicit: bool) -> int:
+        """The positions per sequence slot that a KV pool of `budget` bytes holds; ValueError if that is less
+        than a default request needs, or than an `explicit` max_model_len."""
+        w = self.model.embed.weight
+        fits = positions_within(budget, self.model.config, self.max_num_seqs, w.dtype)
+        per = position_bytes(self.model.config, w.dtype)
+        where = (f"kv_cache_memory: {budget} bytes hold {fits} positions for each of the {self.max_num_seqs} "
+                 f"sequence slots ({per} bytes per position, plus one scratch position per slot)")
+        least = min(footprint(1, SamplingParams())[1], self.max_model_len)
+        if fits < least:
+            raise ValueError(f"{where}; a default request (one prompt token) needs {least}: raise the budget to "
+                             f"at least {self.max_num_seqs * (least + 1) * per} bytes or lower max_num_seqs")
+        if explicit and self.max_model_len > fits:
+            raise ValueError(f"{where}; max_model_len {self.max_model_len} needs "
+                             f"{self.max_num_seqs * (self.max_model_len + 1) * per}: raise the budget or lower "
+                             f"max_model_len or max_num_seqs")
+        return fits
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -100,7 +135,7 @@ class EngineCore:
         rows, length = footprint(len(prompt), params)
         if length > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
-                             f"up to whole blocks) exceeds the model's context of {self.max_model_len} tokens")
+                             f"up to whole blocks) exceeds {self.limit}")
         if params.steps is not None and params.threshold is None and params.steps < n_blocks:
             raise ValueError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
                              f"({n_blocks})")
@@ -189,8 +224,8 @@ class EngineCore:
             tokens = rows * length
             if rows > len(self.free_slots) or (self.running and busy + tokens > self.max_batch_tokens):
                 break
+            r.seq = Sequence(r.prompt, r.params, self.model.config, self.device)  # if it raises, r is still queued
             self.waiting.popleft()
-            r.seq = Sequence(r.prompt, r.params, self.model.config, self.device)
             r.slots = [self.free_slots.pop(0) for _ in range(rows)]
             if r.params.cache != "none":
                 self._reserve(r.seq.length)

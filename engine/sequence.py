@@ -60,7 +60,8 @@ class Sequence:
         self.gen = torch.Generator(device)
         self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
         self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
-        self.block_steps = split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
+        self.block_steps = (split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
+                            if params.threshold is None else None)  # a threshold runs each block until done
         self.nfe = 0
         self.b = -1
         self.next_block()

@@ -6,6 +6,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from jinja2 import TemplateSyntaxError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
 from transformers.utils import logging as hf_logging
 
@@ -13,6 +14,8 @@ from .errors import CheckpointError
 
 # End-of-turn tokens that end an answer as EOS does (LLaDA-Instruct: <|eot_id|>; Dream/Qwen chat: <|im_end|>).
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
+# A tokenizer's vocabulary: a fast tokenizer's JSON, a SentencePiece model, or a BPE vocabulary (Qwen2).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -20,6 +23,25 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     (Dream's `auto_map`) gets the stock class that code wraps: a fast tokenizer from tokenizer.json, or a
     Qwen2 BPE from vocab.json and merges.txt."""
     path = Path(path)
+    if not any((path / name).is_file() for name in VOCAB_FILES):  # transformers' own message names no file
+        raise CheckpointError(f"{path}: tokenizer does not load (no {', '.join(VOCAB_FILES[:-1])} or "
+                              f"{VOCAB_FILES[-1]})")
+    tokenizer = _load(path)
+    if tokenizer.chat_template:  # a template that does not compile would fail every chat request
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+        except TemplateSyntaxError as e:
+            file = path / "chat_template.jinja"
+            file = file if file.is_file() else path / "tokenizer_config.json"
+            error = f"line {e.lineno}: {e.message}"
+            raise CheckpointError(f"{file}: the chat template does not compile ({error})") from None
+        except Exception:  # raise_exception and the like: a matter for each request, not for loading
+            pass
+    return tokenizer
+
+
+def _load(path: Path) -> PreTrainedTokenizerBase:
     with _quiet():
         try:
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
@@ -31,7 +53,22 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
                 return stock.from_pretrained(str(path), local_files_only=True)
             except Exception:
                 pass
-    raise CheckpointError(f"{path}: tokenizer does not load ({first_error})")
+    raise CheckpointError(_bad_json(path) or f"{path}: tokenizer does not load ({first_error})")
+
+
+def _bad_json(path: Path) -> str | None:
+    """The tokenizer's JSON file that is not a JSON object, if one is: transformers' errors do not name it."""
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        try:
+            if isinstance(json.loads(file.read_text(encoding="utf-8")), dict):
+                continue
+        except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            pass
+        return f"{file}: unreadable (expected a JSON object)"
+    return None
 
 
 @contextmanager
@@ -52,6 +89,15 @@ def _names_own_code(path: Path) -> bool:
         return "auto_map" in json.loads((path / "tokenizer_config.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, path: str | Path) -> None:
+    """Every id the tokenizer can produce must index the model's embedding; else the first text that meets
+    one fails deep inside torch."""
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has token id {top}, but config.json's vocabulary holds "
+                              f"{vocab_size} ids (the tokenizer does not belong to this model)")
 
 
 def end_token_ids(tokenizer: PreTrainedTokenizerBase, config_eos: tuple[int, ...]) -> frozenset[int]:

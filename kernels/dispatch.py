@@ -59,7 +59,7 @@ def _config(device: torch.device) -> DispatchConfig:
     return GPU_CONFIGS.get(torch.cuda.get_device_name(device), DEFAULT_CONFIG)
 
 
-def _triton_unusable(x: Tensor, w: BCQWeight) -> str | None:
+def triton_unusable(x: Tensor, w: BCQWeight) -> str | None:
     """Why the Triton kernels cannot take this call, or None."""
     bcq = _bcq()
     if bcq is None:
@@ -83,7 +83,7 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return bcq_linear_reference(x, w)
-    reason = _triton_unusable(x, w)
+    reason = triton_unusable(x, w)
     if backend == "auto" and (reason is not None or not x.is_cuda):
         return bcq_linear_reference(x, w)
     if reason is not None:

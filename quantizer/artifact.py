@@ -44,21 +44,51 @@ class ArtifactWriter:
         self.layers: list[dict] = []
         self.shards: dict[str, str] = {}
         state_file = out / PARTIAL
-        if state_file.exists():
-            if not resume:
-                raise ArtifactError(f"{out}: holds an unfinished conversion; add --resume to continue it, or "
-                                    "remove the directory")
-            self._resume(json.loads(state_file.read_text()))
-        elif out.exists() and any(out.iterdir()):
-            what = "a finished artifact" if (out / MANIFEST).exists() else "not empty"
-            raise ArtifactError(f"{out}: {what}; choose a new output directory (nothing was overwritten)")
-        out.mkdir(parents=True, exist_ok=True)
-        self._save_state()
+        if out.exists() and not out.is_dir():
+            raise ArtifactError(f"{out}: is a file; choose a new output directory (nothing was overwritten)")
+        self.fresh = not state_file.exists()  # this run starts the conversion (OUT is new or empty)
+        self.created = not out.exists()
+        try:
+            if state_file.exists():
+                if not resume:
+                    raise ArtifactError(f"{out}: holds an unfinished conversion; add --resume to continue it, or "
+                                        "remove the directory")
+                self._resume(self._read_state(state_file))
+            elif out.exists() and any(out.iterdir()):
+                what = "a finished artifact" if (out / MANIFEST).exists() else "not empty"
+                raise ArtifactError(f"{out}: {what}; choose a new output directory (nothing was overwritten)")
+            out.mkdir(parents=True, exist_ok=True)
+            self._save_state()
+        except OSError as e:
+            raise ArtifactError(f"{out}: cannot be written ({e.strerror}); choose another output directory") from None
+
+    def _read_state(self, file: Path) -> dict:
+        try:
+            state = json.loads(file.read_text())
+            ok = (isinstance(state, dict) and isinstance(state.get("header"), dict)
+                  and isinstance(state.get("shards"), dict) and isinstance(state.get("layers"), list)
+                  and all(isinstance(r, dict) for r in state["layers"]))
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise ArtifactError(f"{file}: unreadable (the state of an unfinished conversion); remove {self.out} "
+                                "to convert again from the start")
+        return state
+
+    def discard_if_unstarted(self) -> None:
+        """A conversion that fails before its first layer leaves nothing to resume: remove what it wrote, so
+        that the same command, once the cause is fixed, needs no --resume and no clean-up."""
+        if not self.fresh or self.layers:
+            return
+        for name in (PARTIAL, PARTIAL + ".tmp", shard_name(0, self.total) + ".tmp"):
+            (self.out / name).unlink(missing_ok=True)
+        if self.created and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _resume(self, state: dict) -> None:
-        if state.get("header") != self.header:
-            differs = sorted(k for k in set(state.get("header", {})) | set(self.header)
-                             if state.get("header", {}).get(k) != self.header.get(k))
+        if state["header"] != self.header:
+            differs = sorted(k for k in set(state["header"]) | set(self.header)
+                             if state["header"].get(k) != self.header.get(k))
             raise ArtifactError(f"{self.out}: was started with different {', '.join(differs)}; convert again with "
                                 "the same settings, or remove the directory")
         for record, (name, digest) in zip(state["layers"], state["shards"].items()):

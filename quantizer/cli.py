@@ -12,8 +12,9 @@ import torch
 
 from qdllm.engine import SamplingParams, load_tokenizer, read_config
 from qdllm.engine.artifact import MANIFEST, sha256_file
-from qdllm.engine.errors import ArgumentParser, bounded
-from qdllm.engine.loader import resolve_device
+from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
+from qdllm.engine.loader import check_layer_count, resolve_device, shard_files
+from qdllm.engine.tokenizer import check_vocab
 
 from .artifact import ArtifactWriter
 from .calibration import calibration_file, calibration_windows
@@ -22,6 +23,7 @@ from .methods import METHODS, Method
 from .pipeline import convert
 
 ABMP_DEFAULT = {"llada": 0.05, "dream": 0.10}  # the paper's ratios
+PREFIX_RATIO = 0.25
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,22 +40,23 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--abmp-ratio", type=bounded(float, "--abmp-ratio", 0.0, 0.5), default=None,
                     help="share of blocks moved to order 1 and to order 3 (default 0.05 LLaDA, 0.10 Dream; 0 = off)")
     ap.add_argument("--no-mcs", action="store_true", help="calibrate on fully visible text (ablation)")
-    ap.add_argument("--prefix-ratio", type=bounded(float, "--prefix-ratio", 0.0, 1.0), default=0.25,
-                    help="MCS: leading share of each window never masked (default 0.25)")
+    ap.add_argument("--prefix-ratio", type=bounded(float, "--prefix-ratio", 0.0, 1.0), default=None,
+                    help=f"MCS: leading share of each window never masked (default {PREFIX_RATIO})")
     ap.add_argument("--naive-daq", action="store_true", help="DAQ without salience weights or refinement (ablation)")
     ap.add_argument("--refine-rounds", type=bounded(int, "--refine-rounds", 0, 20), default=None,
                     help="rounds of DAQ's output-aware refinement, a qdllm addition (default 3; 0 = the paper's DAQ)")
     ap.add_argument("--calib", type=Path, default=None,
                     help="calibration text: plain text, or .jsonl with a 'text' field "
                          "(default: SRC/data/calibration.txt)")
-    ap.add_argument("--nsamples", type=bounded(int, "--nsamples", 1), default=128,
+    ap.add_argument("--nsamples", type=bounded(int, "--nsamples", 1, 65536), default=128,
                     help="calibration windows (default 128)")
     ap.add_argument("--seqlen", type=bounded(int, "--seqlen", 1), default=None,
                     help="tokens per window (default: the model's max_sequence_length, at most 4096)")
     ap.add_argument("--batch-size", type=bounded(int, "--batch-size", 1), default=8,
                     help="calibration windows per forward (default 8)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    ap.add_argument("--seed", type=int, default=0, help="calibration sampling and MCS seed (default 0)")
+    ap.add_argument("--seed", type=bounded(int, "--seed", 0, SEED_MAX), default=0,
+                    help="calibration sampling and MCS seed (default 0)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted conversion into OUT")
     return ap
 
@@ -78,8 +81,15 @@ def method_of(args: argparse.Namespace, family: str) -> Method:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if (args.src / MANIFEST).exists():
+        raise ValueError(f"{args.src}: is a qdllm artifact ({MANIFEST}); convert the original checkpoint")
     cfg = read_config(args.src)
+    check_layer_count(args.src, cfg, shard_files(args.src))
     method = method_of(args, cfg.family)
+    mcs = method.name != "rtn" and not args.no_mcs
+    if args.prefix_ratio is not None and not mcs:
+        raise ValueError("--prefix-ratio applies to MCS only (not with --no-mcs or --method rtn)")
+    prefix_ratio = PREFIX_RATIO if args.prefix_ratio is None else args.prefix_ratio
     device = resolve_device(args.device)
     seqlen = args.seqlen or min(cfg.max_seq_len, 4096)
     if seqlen > cfg.max_seq_len:
@@ -89,9 +99,9 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"--block-size {method.block_size} does not divide {name} ({dim}) of {args.src}")
     calib = calibration_file(args.src, args.calib)
     tokenizer = load_tokenizer(args.src)
+    check_vocab(tokenizer, cfg.vocab_size, args.src)
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     windows = calibration_windows(tokenizer, calib, args.nsamples, seqlen, args.seed, eos)
-    mcs = method.name != "rtn" and not args.no_mcs
     header = {
         "format": "qdllm", "qdllm_version": version("qdllm"),
         "source": {"path": str(args.src), "config_sha256": sha256_file(args.src / "config.json")},
@@ -105,13 +115,17 @@ def run(args: argparse.Namespace) -> Path:
                          "storage": "bcq" if method.name == "quant-dllm" else "dense-fp16"},
         "calibration": {"source": str(calib), "sha256": sha256_file(calib), "nsamples": args.nsamples,
                         "seqlen": seqlen, "seed": args.seed, "mcs": mcs,
-                        "mcs_prefix_ratio": args.prefix_ratio if mcs else None},
+                        "mcs_prefix_ratio": prefix_ratio if mcs else None},
         "generation": {k: v for k, v in asdict(SamplingParams()).items() if v is not None and k != "stop"},
     }
     writer = ArtifactWriter(args.out, header, cfg.n_layers, args.resume)
-    ids = mcs_batch(windows, cfg.mask_token_id, args.prefix_ratio, args.seed, enabled=mcs)
+    ids = mcs_batch(windows, cfg.mask_token_id, prefix_ratio, args.seed, enabled=mcs)
     dtype = cfg.torch_dtype or torch.float16
-    convert(args.src, cfg, ids, method, writer, device, args.batch_size, dtype)
+    try:
+        convert(args.src, cfg, ids, method, writer, device, args.batch_size, dtype)
+    except Exception:
+        writer.discard_if_unstarted()
+        raise
     return args.out
 
 
@@ -121,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         out = run(args)
     except ValueError as e:  # CheckpointError, DataError, ArtifactError and bad settings: one line each
         print(f"qdllm-convert: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, say: finished layers stay in OUT for --resume
+        print(f"qdllm-convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"qdllm-convert: interrupted; finished layers are kept in {args.out}: run the same command with "

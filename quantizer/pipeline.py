@@ -151,17 +151,18 @@ def convert(src: Path, cfg: ModelConfig, ids: Tensor, method: Method, writer: Ar
                        "cpu")["embed.weight"]
     calib = Calibration((embed[ids] * cfg.emb_scale).to(dtype), batch)
     del embed
-    bar = tqdm(range(cfg.n_layers), desc="qdllm-convert", unit="layer", disable=not progress)
-    for i in bar:
-        if i < writer.layers_done:
-            calib.x = run_layer(replay_layer(writer.out, cfg, i, method.block_size, device), calib, device)
-            bar.set_postfix_str("resumed from its shard")
-            continue
-        layer = load_layer(src, cfg, i, device)
-        quantized, calib.x, err = quantize_layer(layer, calib, method, device)
-        record = layer_record(i, quantized, err, layer)
-        writer.write_layer(i, layer_tensors(layer, i, cfg, quantized, dtype), record)
-        bar.set_postfix(bits=f"{record['effective_bits']:.3f}", err=f"{err:.4f}")
+    # `with` closes the bar on an error too, so that the error starts a line of its own
+    with tqdm(range(cfg.n_layers), desc="qdllm-convert", unit="layer", disable=not progress) as bar:
+        for i in bar:
+            if i < writer.layers_done:
+                calib.x = run_layer(replay_layer(writer.out, cfg, i, method.block_size, device), calib, device)
+                bar.set_postfix_str("resumed from its shard")
+                continue
+            layer = load_layer(src, cfg, i, device)
+            quantized, calib.x, err = quantize_layer(layer, calib, method, device)
+            record = layer_record(i, quantized, err, layer)
+            writer.write_layer(i, layer_tensors(layer, i, cfg, quantized, dtype), record)
+            bar.set_postfix(bits=f"{record['effective_bits']:.3f}", err=f"{err:.4f}")
     globals_ = {models.checkpoint_name(family, n): t
                 for n, t in load_state(src, cfg, _global_shapes(cfg), dtype, "cpu").items()}
     writer.finish(src, globals_, summary(writer.layers))

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
 from qdllm.engine import AsyncEngine, EngineError, QueueFullError, RequestOutput
@@ -39,6 +41,7 @@ class ServerConfig:
     defaults: dict  # SamplingParams fields the model's artifact sets; a request overrides them
     api_key: str | None = None
     max_n: int = 16  # choices per request
+    max_body_bytes: int = 8 << 20  # larger bodies get 413 before they are read
 
 
 def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: ServerConfig) -> FastAPI:
@@ -52,15 +55,20 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
     created = int(time.time())
 
     app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
+    # A token spans at most the longest vocabulary entry (x4 for normalizers that merge characters), so a text
+    # longer than this cannot fit the context; it is refused before the tokenizer spends time and memory on it.
+    max_chars = 4 * max((len(t) for t in tokenizer.get_vocab()), default=1) * engine.core.max_model_len
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e)
 
     @app.exception_handler(HTTPException)
-    async def on_http_error(_: Request, e: HTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = "no such endpoint" if e.status_code == 404 else str(e.detail)
-        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+        if e.status_code == 405 and e.headers and "Allow" in e.headers:
+            message = f"{request.method} is not allowed on {request.url.path}; use {e.headers['Allow']}"
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -83,37 +91,81 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse(await request.body(), CompletionRequest)
+        req = parse(await read_body(request), CompletionRequest)
         check_model(req.model)
-        return await respond(request, req, completion_prompts(req.prompt), chat=False)
+        prompts = completion_prompts(req.prompt)
+        check_choices(req.n, len(prompts))
+        ids = await asyncio.to_thread(lambda: [tokenizer(p)["input_ids"] if isinstance(p, str) else p
+                                               for p in prompts])  # off the event loop, which keeps serving
+        return await respond(request, req, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse(await request.body(), ChatRequest)
+        req = parse(await read_body(request), ChatRequest)
         check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages must hold at least one message", "messages")
-        conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
-                        for m in req.messages]
-        return await respond(request, req, [chat_prompt(tokenizer, conversation)], chat=True)
+        check_choices(req.n, 1)
+        conversation = [{"role": m.role, "content": m.text(i)} | ({"name": m.name} if m.name else {})
+                        for i, m in enumerate(req.messages)]
+        check_length(sum(len(m["content"]) + len(m.get("name", "")) for m in conversation), "messages")
+        try:
+            ids = await asyncio.to_thread(chat_prompt, tokenizer, conversation)
+        except TemplateError as e:  # a template's raise_exception: e.g. roles that must alternate
+            raise APIError(400, f"the model's chat template refuses these messages: {e}".splitlines()[0],
+                           "messages") from None
+        return await respond(request, req, [ids], chat=True)
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused once it outgrows the limit, so a huge one costs neither memory nor time."""
+        too_large = APIError(413, f"the request body is larger than the server's limit of {config.max_body_bytes} "
+                                  f"bytes")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > config.max_body_bytes:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client left mid-upload; nobody reads this
+            raise APIError(499, "the client disconnected") from None
+        return b"".join(chunks)
 
     def check_model(name: str) -> None:
         if name != config.model_name:
             raise APIError(404, f"model '{name}' does not exist; this server serves '{config.model_name}'", "model")
 
-    def completion_prompts(prompt: str | list) -> list[list[int]]:
+    def check_choices(n: int, prompts: int) -> None:
+        """Refuse what the server can never queue now, as 400: a 503 would tell the client to retry."""
+        if not 1 <= n <= config.max_n:
+            raise APIError(400, f"n must be between 1 and {config.max_n}, got {n}", "n")
+        if prompts * n > engine.max_queue:
+            raise APIError(400, f"{prompts} prompts x n={n} make {prompts * n} requests; the server queues at most "
+                                f"{engine.max_queue}", "prompt" if prompts > 1 else "n")
+
+    def check_length(chars: int, param: str) -> None:
+        if chars > max_chars:
+            raise APIError(400, f"{param} holds {chars} characters, more than the model's context of "
+                                f"{engine.core.max_model_len} tokens can hold", param)
+
+    def completion_prompts(prompt: str | list) -> list[str | list[int]]:
+        """The request's prompts, not yet tokenized: strings or lists of token ids."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and all(type(t) is int for t in prompt):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
-        return [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in prompt]
+        for p in prompt:
+            if isinstance(p, str):
+                check_length(len(p), "prompt")
+        return prompt
 
     async def respond(request: Request, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
                       chat: bool) -> Response:
-        if not 1 <= req.n <= config.max_n:
-            raise APIError(400, f"n must be between 1 and {config.max_n}, got {req.n}", "n")
         params = [sampling_params(req, config.defaults, i) for i in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = []
@@ -140,7 +192,10 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     async def collect(request: Request, streams: list) -> list[RequestOutput] | None:
         """Every choice's final output, or None if the client disconnects first (the requests are cancelled)."""
-        task = asyncio.ensure_future(asyncio.gather(*(s.final() for s in streams)))
+        async def finals() -> list[RequestOutput]:  # a task, not gather's future: cancelled, it logs nothing
+            return await asyncio.gather(*(s.final() for s in streams))
+
+        task = asyncio.ensure_future(finals())
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
@@ -227,7 +282,7 @@ def submit_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e), headers={"Retry-After": "1"})
     if isinstance(e, EngineError):
         return APIError(503, str(e))
-    message = str(e)
+    message = str(e).removeprefix("SamplingParams.")
     param = ("max_tokens" if "context" in message else ("messages" if chat else "prompt") if "prompt" in message
              else "cfg_scale" if "cfg_scale" in message else "steps" if "steps" in message else None)
     return APIError(400, message, param)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,7 +14,7 @@ import uvicorn
 
 from qdllm.engine import LLM, AsyncEngine, SamplingParams
 from qdllm.engine.artifact import MANIFEST
-from qdllm.engine.errors import ArgumentParser, bounded
+from qdllm.engine.errors import ArgumentParser, CheckpointError, bounded, byte_size
 from qdllm.engine.loader import BACKENDS, resolve_device
 
 from .app import ServerConfig, create_app
@@ -30,14 +31,16 @@ def parser() -> ArgumentParser:
                     help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="linear backend for artifacts")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    ap.add_argument("--max-batch", type=bounded(int, "--max-batch", 1), default=8,
+    ap.add_argument("--max-batch", type=bounded(int, "--max-batch", 1, 65536), default=8,
                     help="requests denoised together (default 8; a CFG request counts two)")
     ap.add_argument("--max-batch-tokens", type=bounded(int, "--max-batch-tokens", 1), default=16384,
                     help="token budget of the running requests' whole sequences (default 16384)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay forwards of up to 2048 padded tokens from CUDA graphs (needs a CUDA device)")
     ap.add_argument("--max-model-len", type=bounded(int, "--max-model-len", 1), default=None,
-                    help="longest prompt plus canvas (default: the model's context); sizes the KV pool")
+                    help="longest prompt plus canvas (default: the model's context, or what --kv-cache-memory holds)")
+    ap.add_argument("--kv-cache-memory", type=byte_size("--kv-cache-memory"), default=None,
+                    help="bytes for the KV pool, allocated at start-up (e.g. 2GiB; default: grow as requests need)")
     ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,
                     help="requests waiting before new ones get 503 (default 128)")
     ap.add_argument("--max-n", type=bounded(int, "--max-n", 1), default=16, help="largest n per request (default 16)")
@@ -47,28 +50,56 @@ def parser() -> ArgumentParser:
 
 
 def generation_defaults(path: Path) -> dict:
-    """The artifact's default generation settings (its manifest's `generation`); {} for a plain checkpoint."""
-    try:
-        generation = json.loads((path / MANIFEST).read_text()).get("generation", {})
-    except (OSError, ValueError, AttributeError):
+    """The artifact's default generation settings (its manifest's `generation`), checked now rather than on the
+    first request; {} for a plain checkpoint. (The manifest itself was checked when the model loaded.)"""
+    file = path / MANIFEST
+    if not file.is_file():
         return {}
+    generation = json.loads(file.read_text()).get("generation", {})
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{file}: field 'generation' must be an object of sampling settings")
     known = {f.name for f in fields(SamplingParams)} - {"seed", "stop"}
-    return {k: v for k, v in generation.items() if k in known} if isinstance(generation, dict) else {}
+    defaults = {k: v for k, v in generation.items() if k in known}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: field 'generation': {e}") from None
+    return defaults
+
+
+def check_bind(host: str, port: int) -> None:
+    """Refuse an address that cannot be bound before the model loads; uvicorn would fail later, in several log
+    lines. Binds every address of `host` as asyncio's create_server (under uvicorn) does, then lets go."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(address)
+    except OSError as e:  # socket.gaierror included
+        raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.api_key is not None and not (args.api_key.strip() and args.api_key.isprintable()):
+            raise ValueError("--api-key must be a non-empty printable string (an empty key would turn auth off)")
         device = resolve_device(args.device)
         if args.cuda_graphs and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device; the device is {device}")
+        if not args.model.is_dir():
+            raise CheckpointError(f"{args.model}: not a directory (expected an artifact or a Hugging Face checkpoint "
+                                  "directory)")
+        check_bind(args.host, args.port)  # before the weights load, which can take minutes
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
         llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
                   max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
-                  cuda_graphs=args.cuda_graphs)
+                  cuda_graphs=args.cuda_graphs, kv_cache_memory=args.kv_cache_memory)
         defaults = generation_defaults(args.model)
-        SamplingParams(**defaults)  # a manifest with bad defaults is refused here, not on the first request
     except ValueError as e:  # CheckpointError and bad settings: one line each
         print(f"qdllm-serve: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -76,9 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     config = ServerConfig(args.served_model_name or args.model.resolve().name, defaults, args.api_key, args.max_n)
     app = create_app(engine, llm.tokenizer, config)
 
-    logging.getLogger("qdllm.server").info("serving %s as '%s' on http://%s:%d/v1 (%s, %s)", args.model,
-                                           config.model_name, args.host, args.port, device,
-                                           next(llm.model.parameters()).dtype)
+    log = logging.getLogger("qdllm.server")
+    log.info("serving %s as '%s' on http://%s:%d/v1 (%s, %s)", args.model, config.model_name, args.host, args.port,
+             device, next(llm.model.parameters()).dtype)
+    core = llm.engine
+    if core.pool is not None:
+        log.info("KV pool: %d slots x %d positions, %.2f GiB, allocated; max_model_len %d", core.max_num_seqs,
+                 core.pool.length, core.pool.nbytes / 2**30, core.max_model_len)
+    else:
+        log.info("KV pool: %d slots, grown as cached requests need, up to %d positions each", core.max_num_seqs,
+                 core.max_model_len)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found;
     # these make that last step a no-op, so a graceful shutdown exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qdllm.engine import SamplingParams
+from qdllm.engine.sampling import SEED_MAX, SEED_MIN
 
 from .errors import APIError
 
@@ -18,11 +19,17 @@ DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scal
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
-               "response_format": (None, {"type": "text"})}
+               "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
+               "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,)}
+# Fields whose type is a union: pydantic reports one error per member, tagged 'str', 'list[int]', ...; the
+# client needs the field and what it accepts.
+UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+          "stop": "a string or a list of strings",
+          "content": 'a string or a list of content parts like {"type": "text", "text": "..."}'}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -62,12 +69,24 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list | None = None  # read only to refuse them: dropping them would change the conversation
+    function_call: dict | None = None
 
-    def text(self) -> str:
+    def text(self, index: int) -> str:
+        """The message's text; `index` (its place in `messages`) names what is wrong in an error."""
+        where = f"messages.{index}"
+        for field in ("tool_calls", "function_call"):
+            if getattr(self, field):
+                raise APIError(400, f"{where}.{field} is not supported by qdllm", f"{where}.{field}")
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        if any(p.type != "text" or p.text is None for p in self.content):
-            raise APIError(400, "only text content parts are supported", "messages")
+        for j, p in enumerate(self.content):
+            if p.type != "text":
+                raise APIError(400, f"{where}.content.{j}: content parts of type '{p.type}' are not supported "
+                                    f"by qdllm; only 'text' parts are", f"{where}.content.{j}.type")
+            if p.text is None:
+                raise APIError(400, f"{where}.content.{j}.text is required in a 'text' part",
+                               f"{where}.content.{j}.text")
         return "".join(p.text for p in self.content)
 
 
@@ -76,26 +95,96 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> None:
+    """Python's json reads NaN and Infinity, which JSON does not have (and which no setting may be)."""
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
 def parse(body: bytes, schema: type[_Request]) -> _Request:
     """A validated request from raw bytes; any problem becomes one APIError naming the field."""
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
             from None
+    except _NotJSON as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValueError:  # Python refuses to read an integer of more than 4300 digits
+        raise APIError(400, "the request body holds a number with too many digits") from None
     if not isinstance(obj, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if (path := _lone_surrogate(body, obj)) is not None:
+        raise APIError(400, f"{path} is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)",
+                       path)
     for field, neutral in UNSUPPORTED.items():
         if field in obj and not any(obj[field] == v and type(obj[field]) is type(v) for v in neutral):
             raise APIError(400, f"'{field}' is not supported by qdllm", field)
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        raise APIError(422, f"{loc}: {err['msg']}", loc) from None
+        raise _validation_error(e.errors()[0], obj) from None
+
+
+def _validation_error(err: dict, obj: dict) -> APIError:
+    """One line naming the field as the client sent it, without pydantic's union tags and class names."""
+    loc = list(err["loc"])
+    cut = next((i + 1 for i, p in enumerate(loc[:-1]) if p in UNIONS), None)
+    if cut is not None:
+        loc = loc[:cut]
+    path = ".".join(str(p) for p in loc) or "body"
+    if cut is not None:
+        return APIError(422, f"{path} must be {UNIONS[loc[-1]]}, got {_show(_at(obj, loc))}", path)
+    if err["type"] in ("model_type", "dict_type"):
+        return APIError(422, f"{path} must be an object, got {_show(err['input'])}", path)
+    if err["type"] == "missing":
+        return APIError(422, f"{path} is required", path)
+    return APIError(422, f"{path}: {err['msg']}, got {_show(err['input'])}", path)
+
+
+def _at(obj: object, loc: list) -> object:
+    for p in loc:
+        obj = obj[p]
+    return obj
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _lone_surrogate(body: bytes, obj: dict) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, or None. JSON's \\ud800 escapes decode to
+    one, and neither the tokenizer nor the error response can encode it."""
+    if not re.search(rb"\\u[dD][89a-fA-F]", body):  # no surrogate escape at all: the usual case, at no cost
+        return None
+    stack: list[tuple[str, object]] = [("body", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _encodes(value):
+            return path
+        if isinstance(value, dict):
+            if not all(_encodes(k) for k in value):
+                return path
+            stack.extend((k if path == "body" else f"{path}.{k}", v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams:
@@ -109,10 +198,20 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     fields.update((k, v) for k, v in given.items() if v is not None)
     if req.stop is not None:
         fields["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        if not all(fields["stop"]):
+            raise APIError(400, "stop must be a non-empty string or a list of non-empty strings, got an empty string",
+                           "stop")
     if req.seed is not None:
+        if not SEED_MIN <= req.seed <= SEED_MAX - (req.n - 1):
+            raise APIError(400, f"seed must be an integer from {SEED_MIN} to {SEED_MAX - (req.n - 1)} "
+                                f"(choice i of n uses seed + i)", "seed")
         fields["seed"] = req.seed + index
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
     except ValueError as e:
         m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
-        raise APIError(400, f"{m[1]} {m[2]}" if m else str(e), m[1] if m else None) from None
+        field = m[1] if m else None
+        if field == "max_tokens" and isinstance(req, ChatRequest) and req.max_tokens is None:
+            field = "max_completion_tokens"  # the name the client sent
+        raise APIError(400, f"{field} {m[2]}" if m else str(e), field) from None
+    return params

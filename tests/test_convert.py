@@ -209,3 +209,94 @@ def test_artifact_refusals(broken, case, message):
         rewrite_shard(broken, bad_order)
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_model(broken)
+
+
+def test_more_cli_refusals(src, calib, tmp_path, capsys, art):
+    """NaN passed the range checks; a huge --seed or --nsamples overflowed inside torch, naming no flag;
+    --prefix-ratio was ignored without MCS; an artifact as SRC failed on its first layer."""
+    out = str(tmp_path / "o")
+    for flag in ("--abmp-ratio", "--prefix-ratio"):
+        refuse(capsys, [str(src), out, "--calib", str(calib), *BASE, flag, "nan"], f"{flag} must be a number in")
+    refuse(capsys, [str(src), out, "--calib", str(calib), *BASE, "--seed", str(2**64)], "--seed must be an integer in")
+    refuse(capsys, [str(src), out, "--calib", str(calib), *BASE, "--nsamples", str(2**64)], "--nsamples must be")
+    for extra in (["--no-mcs"], ["--method", "rtn"]):
+        refuse(capsys, [str(src), out, "--calib", str(calib), *BASE, *extra, "--prefix-ratio", "0.5"],
+               "--prefix-ratio applies to MCS only")
+    refuse(capsys, [str(art), out, "--calib", str(calib), *BASE], "is a qdllm artifact (qdllm.json)")
+    refuse(capsys, [str(src / "config.json"), out, "--calib", str(calib), *BASE], "config.json: not a directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_that_cannot_be_written(src, calib, tmp_path, capsys):
+    """A file as OUT, or a path through one, raised NotADirectoryError with a traceback."""
+    (tmp_path / "file").write_text("keep me")
+    refuse(capsys, [str(src), str(tmp_path / "file"), "--calib", str(calib), *BASE], "file: is a file")
+    refuse(capsys, [str(src), str(tmp_path / "file" / "o"), "--calib", str(calib), *BASE],
+           "cannot be written (Not a directory)")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def refuse_after_progress(capsys, argv, message):
+    """An error once the progress bar is up: the bar is closed first, so the error is a line of its own."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert e.value.code == 2 and last.startswith("qdllm-convert: error: ") and message in last, last
+
+
+def test_a_conversion_that_fails_before_its_first_layer_leaves_nothing(src, calib, tmp_path, capsys):
+    """It left OUT holding only the resume state, so the same command, once fixed, was refused without
+    --resume (and with it, when the fix changed config.json)."""
+    bad = shutil.copytree(src, tmp_path / "bad")
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.transformer.blocks.0.attn_norm.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    out = tmp_path / "out"
+    refuse_after_progress(capsys, [str(bad), str(out), "--calib", str(calib), *BASE], "missing tensor")
+    assert not out.exists()
+    out.mkdir()  # an empty OUT that was already there stays, empty
+    refuse_after_progress(capsys, [str(bad), str(out), "--calib", str(calib), *BASE], "missing tensor")
+    assert out.is_dir() and not any(out.iterdir())
+
+
+@pytest.mark.parametrize("state", ["{", "[]", '{"header": 5, "layers": [], "shards": {}}',
+                                   '{"header": {}, "shards": {}}', '{"header": {}, "layers": [], "shards": []}'])
+def test_resume_with_a_corrupt_state_file(src, calib, tmp_path, capsys, state):
+    """A corrupt state raised KeyError, AttributeError or TypeError, or a JSON error naming no file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / artifact_module.PARTIAL).write_text(state)
+    refuse(capsys, [str(src), str(out), "--calib", str(calib), *BASE, "--resume"],
+           f"{artifact_module.PARTIAL}: unreadable (the state of an unfinished conversion)")
+    assert (out / artifact_module.PARTIAL).read_text() == state
+
+
+def test_tokenizer_beyond_the_vocabulary(tmp_path, calib, capsys):
+    """Token ids past the embedding raised IndexError while embedding the calibration windows."""
+    src = write_checkpoint(tmp_path / "small", "llada", embedding_size=120, vocab_size=120, mask_token_id=3,
+                           eos_token_id=2)
+    refuse(capsys, [str(src), str(tmp_path / "o"), "--calib", str(calib), *BASE],
+           "the tokenizer has token id 127, but config.json's vocabulary holds 120 ids")
+
+
+def test_unlisted_safetensors_in_an_artifact_are_not_loaded(broken, src):
+    """Every *.safetensors in the folder was read, so a stray file (here the source's own weights, which sort
+    after the shards) replaced tensors that the manifest's hashes vouch for."""
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.transformer.ln_f.weight"] = torch.full_like(tensors["model.transformer.ln_f.weight"], 7)
+    save_file(tensors, str(broken / "model.safetensors"))
+    norm = load_model(broken, dtype=torch.float32).norm.weight
+    assert not torch.equal(norm, torch.full_like(norm, 7))
+
+
+def test_missing_packed_tensor_names_the_artifact(broken):
+    rewrite_shard(broken, lambda t: [t.pop(Q + p) for p in ("planes", "alpha_r", "alpha_c", "plane_ptr")])
+    with pytest.raises(CheckpointError, match=f"^{broken}: missing tensor '{Q}planes'$"):
+        load_model(broken)
+
+
+def test_triton_backend_that_cannot_run_is_refused_at_load(art):
+    """It loaded, then failed at the first forward (for a server: at every request)."""
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="backend 'triton' cannot run here: .*float32"):
+        load_model(art, dtype=torch.float32, backend="triton")

@@ -147,13 +147,43 @@ def test_bad_requests_name_what_is_wrong(llada_dir):
     for prompt, params, match in [([], SamplingParams(), "at least one token"),
                                   ([5, 4096], SamplingParams(), r"token ids in \[0, 128\)"),
                                   ("text", SamplingParams(), "token ids"),
-                                  ([5] * 40, SamplingParams(max_tokens=30, block_length=8), "context of 64"),
+                                  ([5] * 40, SamplingParams(max_tokens=30, block_length=8), r"max_model_len \(64 tokens\)"),
                                   ([5], SamplingParams(max_tokens=16, block_length=4, steps=2), "steps"),
                                   ([5], SamplingParams(max_tokens=8, cfg_scale=1.0), "two sequence slots"),
                                   ([5], SamplingParams(max_tokens=8, stop=["x"]), "needs a tokenizer")]:
         with pytest.raises(ValueError, match=match):
             core.add_request(prompt, params)
     assert not core.has_unfinished()
+
+
+def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
+    model = load_model(llada_dir)  # fp32, 2 layers x 4 KV heads x 16 dims: 1024 bytes of K and V per position
+    solo = [alone(model, p, s) for p, s in REQUESTS]
+    budget = 4 * 141 * 1024 + 1023  # 140 positions and the scratch, in each of 4 slots
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4, kv_cache_memory=budget)
+    pool = core.pool
+    assert core.max_model_len == pool.length == 140 and pool.nbytes == 4 * 141 * 1024
+    ids = [core.add_request(p, s) for p, s in REQUESTS]
+    outputs = drain(core)
+    assert core.pool is pool and pool.k.shape[2] == 141  # never regrown
+    assert [outputs[i][-1].token_ids for i in ids] == [o.token_ids for o in solo]
+    with pytest.raises(ValueError, match="exceeds the 140 positions per sequence that kv_cache_memory holds"):
+        core.add_request([5] * 130, SamplingParams(max_tokens=16, block_length=8))
+
+
+def test_a_kv_budget_that_cannot_hold_what_is_asked_is_refused(llada_dir):
+    model = load_model(llada_dir)
+    detok = Detokenizer(None, frozenset())
+    with pytest.raises(ValueError, match=r"^kv_cache_memory: 4096 bytes hold 0 positions for each of the 4 sequence "
+                                         r"slots \(1024 bytes per position.*needs 129: raise the budget to at "
+                                         r"least 532480 bytes or lower max_num_seqs$"):
+        EngineCore(model, detok, max_num_seqs=4, kv_cache_memory=4096)
+    with pytest.raises(ValueError, match=r"hold 200 positions .*; max_model_len 256 needs 1052672"):
+        EngineCore(model, detok, max_num_seqs=4, max_model_len=256, kv_cache_memory=4 * 201 * 1024)
+    roomy = EngineCore(model, detok, max_num_seqs=1, kv_cache_memory=1 << 30)  # more than the context needs
+    assert roomy.max_model_len == roomy.pool.length == 256 and roomy.pool.nbytes == 257 * 1024
+    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
+        roomy.add_request([5] * 250, SamplingParams(max_tokens=16, block_length=8))
 
 
 class FailOnce(torch.nn.Module):

@@ -208,10 +208,19 @@ def test_chat_uses_the_template(llada):
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("steps", 0), ("temperature", -1), ("top_p", 0),
                                          ("remasking", "best"), ("threshold", 1.5), ("cache", "paged"),
-                                         ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True)])
+                                         ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True),
+                                         ("seed", 2**64), ("seed", -2**63 - 1), ("temperature", float("inf")),
+                                         ("top_p", float("nan")), ("cfg_scale", float("inf"))])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
+
+
+def test_steps_are_ignored_with_a_threshold(llada):
+    """Fewer steps than blocks once failed when the request was admitted, although a threshold ignores them."""
+    params = SamplingParams(max_tokens=16, block_length=4, threshold=0.5, ignore_eos=True)
+    with_steps = SamplingParams(max_tokens=16, block_length=4, threshold=0.5, steps=2, ignore_eos=True)
+    assert llada.generate(PROMPT, with_steps)[0].token_ids == llada.generate(PROMPT, params)[0].token_ids
 
 
 def test_bad_prompts(llada):

@@ -104,6 +104,14 @@ def test_chat_stream_concatenates_to_the_plain_answer(client, llm):
     assert plain.usage.prompt_tokens == len(chat_prompt(llm.tokenizer, messages))
 
 
+def test_steps_is_ignored_with_a_threshold(client, llm):
+    """Fewer steps than blocks failed in the engine thread when a threshold was set, and the request hung."""
+    out = client.with_options(timeout=60).completions.create(
+        model=MODEL, prompt="KING.\n", max_tokens=16, extra_body={"block_length": 4, "threshold": 0.5, "steps": 2})
+    ref = llm.generate("KING.\n", SamplingParams(max_tokens=16, block_length=4, threshold=0.5))[0]
+    assert out.choices[0].text == ref.text
+
+
 def test_n_choices_are_seeded_and_reproducible(client):
     kw = dict(model=MODEL, prompt="ROMEO.\n", max_tokens=16, n=2, temperature=1.0, seed=11)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
@@ -136,6 +144,25 @@ def test_models_health_and_metrics(server, client):
     (json.dumps({"model": MODEL, "prompt": "a", "logprobs": 3}).encode(), 400, "logprobs"),
     (json.dumps({"model": MODEL, "prompt": [5, 99999]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": []}).encode(), 400, "prompt"),
+    # Seeds beyond torch's 64-bit range failed inside the engine thread: the request hung (or, with n > 1, the
+    # choices in flight got 503).
+    (json.dumps({"model": MODEL, "prompt": "a", "seed": 2**64}).encode(), 400, "seed"),
+    (json.dumps({"model": MODEL, "prompt": "a", "seed": 2**64 - 1, "n": 2}).encode(), 400, "seed"),
+    # Bodies the JSON reader fails on other than with a JSONDecodeError were 500s.
+    (b"[" * 100000 + b"]" * 100000, 400, None),  # RecursionError
+    (b'{"model": "llada-shakespeare", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),  # over 4300 digits
+    (b'{"model": "llada-shakespeare", "prompt": "a\\ud800"}', 400, "prompt"),  # lone surrogate: the tokenizer failed
+    # Non-finite numbers were taken: temperature=inf decoded garbage.
+    (b'{"model": "llada-shakespeare", "prompt": "a", "cfg_scale": Infinity}', 400, None),
+    (b'{"model": "llada-shakespeare", "prompt": "a", "temperature": 1e400}', 422, "temperature"),
+    # Union fields were named with pydantic's member tag ('prompt.str').
+    (json.dumps({"model": MODEL, "prompt": [[5], "a"]}).encode(), 422, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "a", "stop": ["a", 5]}).encode(), 422, "stop"),
+    # More prompts than the queue holds got 503 "retry later", which could never succeed.
+    (json.dumps({"model": MODEL, "prompt": ["a"] * 200}).encode(), 400, "prompt"),
+    # A prompt too long for the context is refused before it is tokenized (a 100 MB one took the server's memory).
+    (json.dumps({"model": MODEL, "prompt": "a" * 200000}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": [5] * 3_000_000}).encode(), 413, None),  # over 8 MiB
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):
     r = httpx.post(server.url + "/v1/completions", content=body,
@@ -157,12 +184,35 @@ def test_bad_chat_requests_and_the_client_exceptions(client):
                                        extra_body={"cache": "paged"})
 
 
+@pytest.mark.parametrize("extra,error,message", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     openai.BadRequestError, r"messages.0.content.0: content parts of type 'image_url' are not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     openai.BadRequestError, r"messages.0.content.0.text is required"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     openai.BadRequestError, r"messages.1.tool_calls is not supported"),
+    ({"tool_choice": "required"}, openai.BadRequestError, r"'tool_choice' is not supported"),
+    ({"max_completion_tokens": 0}, openai.BadRequestError, "max_completion_tokens must be"),
+    ({"stop": ""}, openai.BadRequestError, r"stop must be .*, got an empty string"),
+    ({"messages": ["hi"]}, openai.UnprocessableEntityError, 'messages.0 must be an object, got "hi"'),
+    ({"stream_options": "yes"}, openai.UnprocessableEntityError, r"stream_options must be an object"),
+])
+def test_bad_chat_fields_are_named_as_sent(client, extra, error, message):
+    kw = {"messages": [{"role": "user", "content": "hi"}]} | extra
+    with pytest.raises(error, match=message):
+        client.chat.completions.create(model=MODEL, **kw)
+
+
 def test_auth_and_unknown_routes(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.get(server.url + "/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["message"] == "no such endpoint"
+    r = httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["message"] == "GET is not allowed on /v1/completions; use POST"
     assert httpx.get(server.url + "/health").status_code == 200  # outside /v1: no key needed
 
 
@@ -183,6 +233,34 @@ def test_disconnect_mid_stream_cancels_the_request(server):
     while aborted() == before and time.time() < deadline:
         time.sleep(0.1)
     assert aborted() == before + 1
+
+
+def test_leaving_clients_and_template_refusals_leave_no_traceback(tmp_path):
+    """A client that leaves mid-upload or before its answer, and a chat template's raise_exception, are no
+    server errors: no traceback in the log, and the server keeps serving."""
+    model = Path(shutil.copytree(ASSET, tmp_path / "model", ignore=shutil.ignore_patterns("data")))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('tool "
+                               "messages are not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    s = Server(model, "--served-model-name", "m")
+    try:
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:  # announces 100 bytes, sends 10, leaves
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+            time.sleep(0.5)
+        with pytest.raises(httpx.ReadTimeout):
+            body = {"model": "m", "prompt": "KING.\n", "max_tokens": 240, "block_length": 8, "ignore_eos": True}
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.5)
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "tool messages are not supported" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "KING.\n", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        time.sleep(1)  # the abandoned request's cancellation is logged, if at all, after it ends
+    finally:
+        code, log = s.stop()
+    assert code == 0 and "Traceback" not in log, log
 
 
 def test_32_concurrent_streams_complete_with_correct_usage(server, llm):
@@ -236,7 +314,12 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
                                           ([str(ASSET), "--port", "http"], "--port must be an integer"),
                                           ([str(ASSET), "--max-batch", "0"], "--max-batch must be"),
                                           ([str(ASSET), "--device", "cpu", "--cuda-graphs"],
-                                           "--cuda-graphs needs a CUDA device; the device is cpu")])
+                                           "--cuda-graphs needs a CUDA device; the device is cpu"),
+                                          ([str(ASSET), "--kv-cache-memory", "lots"],
+                                           "--kv-cache-memory must be a size such as 2GiB"),
+                                          ([str(ASSET), "--device", "cpu", "--kv-cache-memory", "1MiB"],
+                                           ("kv_cache_memory: 1048576 bytes hold 6 positions for each of the 8 "
+                                            "sequence slots (18432 bytes per position"))])
 def test_bad_cli_input_is_one_line(args, message):
     r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -248,10 +331,12 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
     manifest = json.loads((art / "qdllm.json").read_text())
     manifest["generation"].update(block_length=8, cache="dual", threshold=0.5)
     (art / "qdllm.json").write_text(json.dumps(manifest))
-    s = Server(art)
+    # fp32 K and V of 6 layers x 6 heads x 64 dims: 18432 bytes a position; 200 positions (+ the scratch) x 8 slots
+    s = Server(art, "--kv-cache-memory", str(8 * 201 * 18432))
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["shakespeare-2bit"]
+        models = client.models.list().data
+        assert [m.id for m in models] == ["shakespeare-2bit"] and models[0].max_model_len == 200
         messages = [{"role": "user", "content": "Who is there?"}]
         chunks = client.chat.completions.create(model="shakespeare-2bit", messages=messages, max_tokens=32,
                                                 stream=True)
@@ -261,4 +346,4 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
     ref = LLM(art, device="cpu", dtype=torch.float32).chat(
         messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
     assert text == ref.text and text
-    assert code == 0 and "Traceback" not in log
+    assert code == 0 and "Traceback" not in log and "KV pool: 8 slots x 200 positions, 0.03 GiB, allocated" in log

@@ -17,7 +17,7 @@ GLOBAL = {"embed": "model.transformer.wte", "norm": "model.transformer.ln_f", "l
 
 def parse_config(f: Fields) -> ModelConfig:
     d_model, n_heads = f.int("d_model", minimum=1), f.int("n_heads", minimum=1)
-    f.check_divides("n_heads", "d_model")
+    f.check_head_dim("n_heads", "d_model")
     n_kv = 1 if f.bool("multi_query_attention", False) else f.int("n_kv_heads", n_heads, minimum=1)
     if n_heads % n_kv:
         raise f.fail("n_kv_heads", f"a divisor of n_heads ({n_heads})")
@@ -31,9 +31,10 @@ def parse_config(f: Fields) -> ModelConfig:
     f.choice("alibi", (False,), False)
     f.choice("attention_layer_norm", (False,), False)
     f.choice("clip_qkv", (None,), None)
+    vocab_size = f.int("embedding_size", None, minimum=1) or f.int("vocab_size", minimum=1)
     return ModelConfig(
         family="llada",
-        vocab_size=f.int("embedding_size", None, minimum=1) or f.int("vocab_size", minimum=1),
+        vocab_size=vocab_size,
         d_model=d_model,
         n_layers=f.int("n_layers", minimum=1),
         n_heads=n_heads,
@@ -41,8 +42,8 @@ def parse_config(f: Fields) -> ModelConfig:
         mlp_hidden=f.int("mlp_hidden_size", None, minimum=1) or f.int("mlp_ratio", 4, minimum=1) * d_model,
         rope_theta=f.float("rope_theta", 10000.0),
         norm_eps=f.float("rms_norm_eps", 1e-5),
-        mask_token_id=f.int("mask_token_id"),
-        eos_token_ids=f.token_ids("eos_token_id"),
+        mask_token_id=f.token_id("mask_token_id", vocab_size),
+        eos_token_ids=f.token_ids("eos_token_id", vocab_size),
         max_seq_len=f.int("max_sequence_length", 4096, minimum=1),
         qkv_bias=f.bool("include_bias", False) or f.bool("include_qkv_bias", False),
         bias=f.bool("include_bias", False),
