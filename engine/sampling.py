@@ -84,8 +84,11 @@ class SamplingParams:
               f"null or an integer in [{SEED_MIN}, {SEED_MAX}]")
         if isinstance(self.stop, str) or self.stop is None:
             object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
-        check("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
-              "a non-empty string or a list of them")
+        stop_ok = isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop)
+        check("stop", stop_ok, "a non-empty string or a list of non-empty strings")
+        if "" in self.stop:  # it would match everywhere; named plainly rather than shown as ('',)
+            raise ValueError("SamplingParams.stop must be a non-empty string or a list of non-empty strings, got an "
+                             "empty string")
         object.__setattr__(self, "stop", tuple(self.stop))
         check("ignore_eos", type(self.ignore_eos) is bool, "true or false")
         check("alg_temp", _is_num(self.alg_temp) and self.alg_temp >= 0, "a number >= 0")

@@ -197,10 +197,7 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     given.update((f, getattr(req, f)) for f in DIFFUSION_FIELDS)
     fields.update((k, v) for k, v in given.items() if v is not None)
     if req.stop is not None:
-        fields["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-        if not all(fields["stop"]):
-            raise APIError(400, "stop must be a non-empty string or a list of non-empty strings, got an empty string",
-                           "stop")
+        fields["stop"] = req.stop
     if req.seed is not None:
         if not SEED_MIN <= req.seed <= SEED_MAX - (req.n - 1):
             raise APIError(400, f"seed must be an integer from {SEED_MIN} to {SEED_MAX - (req.n - 1)} "
