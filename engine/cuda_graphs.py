@@ -30,14 +30,12 @@ LENGTH_STEP = 64  # full forwards are padded to a multiple of this many tokens
 
 
 def run_forward(model: DiffusionLM, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor,
-                key_mask: Tensor, write_slot: Tensor, write_position: Tensor, read_slot: Tensor,
-                logits_at: Tensor) -> Tensor:
+                key_mask: Tensor, write_index: Tensor, read_index: Tensor, logits_at: Tensor) -> Tensor:
     """One batched forward as the engine runs it, eager or captured: with `pool`, the fed tokens' K/V are
-    stored and attention reads the fed tokens (`full`) or the first key_mask.shape[1] positions of each
-    row's read_slot."""
+    stored at write_index and attention reads the fed tokens (`full`) or the pool's K/V at read_index."""
     cache = None
     if pool is not None:
-        cache = pool.view(write_slot, write_position, None if full else read_slot, key_mask.shape[1])
+        cache = pool.view(write_index, None if full else read_index)
     return model(ids, positions=positions, key_mask=key_mask, cache=cache, logits_at=logits_at)
 
 
@@ -84,12 +82,12 @@ class ForwardGraphs:
         return (rows, length) if rows * length <= self.max_tokens else None
 
     def forward(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
-                write_slot: Tensor, write_position: Tensor, read_slot: Tensor, logits_at: Tensor) -> Tensor:
+                write_index: Tensor, read_index: Tensor, logits_at: Tensor) -> Tensor:
         """`run_forward` on these inputs (padded to `shape`), from a replay."""
         if pool is not None and pool.k is not self.pool_k:  # the pool grew: graphs hold the old tensors
             self.graphs.clear()
             self.pool_k = pool.k
-        inputs = [ids, positions, key_mask, write_slot, write_position, read_slot, logits_at]
+        inputs = [ids, positions, key_mask, write_index, read_index, logits_at]
         key = (full, pool is None, *ids.shape, key_mask.shape[1], logits_at.shape[1])
         if key in self.graphs:
             self.graphs.move_to_end(key)

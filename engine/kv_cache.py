@@ -1,14 +1,21 @@
-"""A preallocated pool of K/V slots, one row of canvas positions per cached sequence.
+"""A paged pool of K/V positions, shared by every cached sequence.
 
-One mechanism serves every cache policy: a forward writes the K/V of the tokens it is fed at their
-positions, then attends either over the fed tokens (a full forward, which also refreshes the cache)
-or over the first `read` positions of each row (a window forward: the block and its suffix for the
-prefix cache, the block alone for the dual cache). Tokens that must not be stored (padding, and
-rows of requests without a cache) go to one scratch position past the end of row 0, which no read
-reaches, so a batch needs no per-row branches. (A whole scratch row would double the pool at batch 1.)
-The pool grows only when a longer sequence arrives, never per step, and never past `max_length`. With a
-memory budget (`positions_within`) the engine allocates it whole at start-up instead, so running out of
-device memory shows then, not under load.
+The pool is one flat array of positions per layer, handed out in pages of PAGE positions. A cached request
+gets pages for its whole length when it is admitted (a dLLM request's length, prompt plus canvas, is known
+up front and never grows) and returns them when it ends, so short requests hold little and one long
+request can use what the others leave free. A request sees its pages through a position index, [length]
+flat positions, which the scheduler turns into per-forward index tensors.
+
+One mechanism serves every cache policy: a forward writes the K/V of the tokens it is fed at their flat
+positions, then attends either over the fed tokens (a full forward, which also refreshes the cache) or over
+the K/V gathered from a read index (a window forward: each row's first `length` positions). Tokens that must
+not be stored (padding, and rows of requests without a cache) go to one scratch position after the last
+page, which reads reach only where attention masks them out, so a batch needs no per-row branches.
+
+Without a budget the pool grows when an admission needs more pages than are free (by half at least, so
+growth is rare, and never past `max_pages`). With a memory budget (`pages_within`) the engine allocates it
+whole at start-up instead, so running out of device memory shows then, not under load, and an admission
+that finds too few free pages waits for running requests to end.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-GROW = 128  # positions are allocated in multiples of this
+PAGE = 16  # positions per page: the unit of allocation
 
 
 def position_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -25,72 +32,106 @@ def position_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
 
-def positions_within(budget: int, cfg: ModelConfig, slots: int, dtype: torch.dtype) -> int:
-    """The longest row length whose pool (`slots` rows, each with one more position for the scratch) fits in
-    `budget` bytes."""
-    return max(0, budget // (slots * position_bytes(cfg, dtype)) - 1)
+def pages_for(length: int) -> int:
+    return -(-length // PAGE)
+
+
+def pages_within(budget: int, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """The pages a pool of `budget` bytes holds, with its scratch position."""
+    return max(0, (budget // position_bytes(cfg, dtype) - 1) // PAGE)
 
 
 class KVPool:
-    def __init__(self, cfg: ModelConfig, slots: int, length: int, device: torch.device | str, dtype: torch.dtype,
-                 max_length: int | None = None):
-        self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
-        self.max_length = max_length
+    """K and V [n_layers, pages * PAGE + 1, n_kv_heads, head_dim]; the last position is the scratch."""
+
+    def __init__(self, cfg: ModelConfig, pages: int, device: torch.device | str, dtype: torch.dtype,
+                 max_pages: int | None = None):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.max_pages = max_pages  # None: fixed at `pages`
         self.k = self.v = torch.empty(0)
-        self.length = 0
-        self.reserve(length)
+        self.pages = 0
+        self.free: list[int] = []
+        self._resize(pages)
+
+    @property
+    def capacity(self) -> int:
+        """Positions in the pages (the scratch not counted)."""
+        return self.pages * PAGE
+
+    @property
+    def scratch_position(self) -> int:
+        return self.capacity
+
+    @property
+    def used_pages(self) -> int:
+        return self.pages - len(self.free)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     @property
-    def scratch_slot(self) -> int:
-        return 0
+    def page_limit(self) -> int:
+        """The most pages the pool may hold: its size, when it is fixed."""
+        return self.pages if self.max_pages is None else self.max_pages
 
-    @property
-    def scratch_position(self) -> int:
-        return self.length
+    def can_allocate(self, pages: int) -> bool:
+        return self.used_pages + pages <= self.page_limit
 
-    def reserve(self, length: int) -> None:
-        """Make every row hold at least `length` positions, keeping what the rows already hold."""
-        if length <= self.length:
-            return
-        new = -(-length // GROW) * GROW
-        if self.max_length is not None:  # the engine refuses longer sequences
-            new = min(new, self.max_length)
-        shape = (self.cfg.n_layers, self.slots, new + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+    def allocate(self, length: int, rows: int = 1) -> list[Tensor]:
+        """Pages for `rows` sequence rows of `length` positions, growing the pool if it must: each row's flat
+        positions [length] (int64, on the CPU)."""
+        need = pages_for(length)
+        if not self.can_allocate(rows * need):
+            raise ValueError(f"the KV pool cannot hold {rows} x {length} more positions")
+        if rows * need > len(self.free):
+            self._resize(min(self.page_limit, max(self.used_pages + rows * need, self.pages + self.pages // 2)))
+        offsets = torch.arange(PAGE)
+        out = []
+        for _ in range(rows):
+            pages, self.free = torch.tensor(self.free[:need], dtype=torch.long), self.free[need:]
+            out.append((pages[:, None] * PAGE + offsets).flatten()[:length])
+        return out
+
+    def release(self, positions: Tensor) -> None:
+        """Return the pages behind `allocate`'s positions."""
+        self.free.extend((positions[::PAGE] // PAGE).tolist())
+        self.free.sort()  # lowest pages first: deterministic, and the pool's low end stays in use
+
+    def _resize(self, pages: int) -> None:
+        """Reallocate with `pages` pages, keeping the K/V of every page in use (new tensors: captured CUDA graphs
+        that hold the old ones must be dropped)."""
+        shape = (self.cfg.n_layers, pages * PAGE + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        if self.length:
-            k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v, self.length = k, v, new
+        if self.pages:
+            k[:, : self.capacity] = self.k[:, : self.capacity]
+            v[:, : self.capacity] = self.v[:, : self.capacity]
+        self.free += list(range(self.pages, pages))
+        self.k, self.v, self.pages = k, v, pages
 
-    def view(self, write_slot: Tensor, write_position: Tensor, read_slot: Tensor | None = None,
-             read: int = 0) -> CacheView:
+    def view(self, write_index: Tensor, read_index: Tensor | None = None) -> CacheView:
         """The cache for one batched forward of [B, L] tokens.
 
-        write_slot, write_position: [B, L] where each fed token's K/V goes (the scratch slot and
-            position for tokens that must not be kept).
-        read_slot: [B] the row each batch row attends over, the first `read` positions of it; None
-            attends over the fed tokens themselves.
+        write_index: [B, L] the flat position each fed token's K/V goes to (the scratch position for tokens
+            that must not be kept).
+        read_index: [B, S] the flat positions each batch row attends over, in sequence order; None attends
+            over the fed tokens themselves.
         """
-        return CacheView(self, write_slot, write_position, read_slot, read)
+        return CacheView(self, write_index, read_index)
 
 
 class CacheView:
     """What the model's attention sees of the pool during one forward."""
 
-    def __init__(self, pool: KVPool, write_slot: Tensor, write_position: Tensor, read_slot: Tensor | None,
-                 read: int):
-        self.pool, self.write_slot, self.write_position = pool, write_slot, write_position
-        self.read_slot, self.read = read_slot, read
+    def __init__(self, pool: KVPool, write_index: Tensor, read_index: Tensor | None):
+        self.pool, self.write_index, self.read_index = pool, write_index, read_index
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k/v [B, L, H, D] (RoPE already applied); return the K/V to attend over."""
-        self.pool.k[layer][self.write_slot, self.write_position] = k
-        self.pool.v[layer][self.write_slot, self.write_position] = v
-        if self.read_slot is None:
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        pk[self.write_index] = k
+        pv[self.write_index] = v
+        if self.read_index is None:
             return k, v
-        return self.pool.k[layer][self.read_slot, : self.read], self.pool.v[layer][self.read_slot, : self.read]
+        return pk[self.read_index], pv[self.read_index]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .cuda_graphs import ForwardGraphs, run_forward
-from .kv_cache import KVPool, position_bytes, positions_within
+from .kv_cache import PAGE, KVPool, pages_for, pages_within, position_bytes
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
 from .sampling import SamplingParams
@@ -38,6 +38,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     occupancy_sum: float = 0.0  # running / max_num_seqs, summed over steps
+    kv_usage: float = 0.0  # share of the KV pool's pages that running requests hold
 
     @property
     def batch_occupancy(self) -> float:
@@ -52,7 +53,7 @@ class _Request:
     params: SamplingParams
     stats: RequestStats
     seq: Sequence | None = None
-    slots: list[int] | None = None
+    kv: list[Tensor] | None = None  # each row's flat K/V positions (kv_cache.py); empty without a cache
     sent_tokens: list[int] = field(default_factory=list)
     sent_text: str = ""
 
@@ -65,9 +66,10 @@ class EngineCore:
                       request alone is always admitted.
     max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
     cuda_graphs:      replay forwards of up to 2048 padded tokens from CUDA graphs (cuda_graphs.py); needs CUDA.
-    kv_cache_memory:  bytes for the KV pool, allocated whole now; max_model_len becomes what fits in it for
-                      every slot. None: the pool grows with the longest cached request (up to max_model_len
-                      in every slot), so the device can run out of memory under load.
+    kv_cache_memory:  bytes for the paged KV pool, allocated whole now; max_model_len becomes at most what it
+                      holds, and requests wait for pages when running ones hold them. None: the pool grows
+                      as admissions need (up to max_model_len in every slot), so the device can run out of
+                      memory under load.
     """
 
     def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
@@ -88,16 +90,16 @@ class EngineCore:
         self.max_model_len = max_model_len or cfg.max_seq_len
         self.limit = (f"max_model_len ({self.max_model_len} tokens)" if max_model_len
                       else f"the model's context of {self.max_model_len} tokens")  # for the error of check()
-        self.pool: KVPool | None = None  # without a budget, allocated at the first request that uses a cache
-        if kv_cache_memory is not None:
-            fits = self._fit_kv_budget(kv_cache_memory, explicit=max_model_len is not None)
-            if fits < self.max_model_len:
-                self.max_model_len = fits
-                self.limit = f"the {fits} positions per sequence that kv_cache_memory holds"
-            w = model.embed.weight
-            self.pool = KVPool(cfg, max_num_seqs, self.max_model_len, w.device, w.dtype,
-                               max_length=self.max_model_len)
-        self.free_slots = list(range(max_num_seqs))
+        w = model.embed.weight
+        if kv_cache_memory is None:
+            self.pool = KVPool(cfg, 0, w.device, w.dtype, max_pages=max_num_seqs * pages_for(self.max_model_len))
+        else:
+            pages = self._fit_kv_budget(kv_cache_memory, explicit=max_model_len is not None)
+            self.pool = KVPool(cfg, pages, w.device, w.dtype)
+            if self.pool.capacity < self.max_model_len:
+                self.max_model_len = self.pool.capacity
+                self.limit = f"the {self.max_model_len} positions that kv_cache_memory holds"
+        self.free_rows = max_num_seqs  # sequence slots: a CFG request takes two
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.aborts: set[str] = set()
@@ -105,22 +107,22 @@ class EngineCore:
         self._ids = itertools.count()
 
     def _fit_kv_budget(self, budget: int, explicit: bool) -> int:
-        """The positions per sequence slot that a KV pool of `budget` bytes holds; ValueError if that is less
-        than a default request needs, or than an `explicit` max_model_len."""
-        w = self.model.embed.weight
-        fits = positions_within(budget, self.model.config, self.max_num_seqs, w.dtype)
-        per = position_bytes(self.model.config, w.dtype)
-        where = (f"kv_cache_memory: {budget} bytes hold {fits} positions for each of the {self.max_num_seqs} "
-                 f"sequence slots ({per} bytes per position, plus one scratch position per slot)")
+        """The pages a KV pool of `budget` bytes holds; ValueError if they cannot hold a default request, or an
+        `explicit` max_model_len."""
+        cfg, dtype = self.model.config, self.model.embed.weight.dtype
+        pages, per = pages_within(budget, cfg, dtype), position_bytes(cfg, dtype)
+        pages = min(pages, self.max_num_seqs * pages_for(self.max_model_len))  # never more than the slots can use
+        where = (f"kv_cache_memory: {budget} bytes hold {pages * PAGE} positions ({per} bytes each, in pages of "
+                 f"{PAGE}, plus one scratch position)")
         least = min(footprint(1, SamplingParams())[1], self.max_model_len)
-        if fits < least:
+        if pages * PAGE < least:
             raise ValueError(f"{where}; a default request (one prompt token) needs {least}: raise the budget to "
-                             f"at least {self.max_num_seqs * (least + 1) * per} bytes or lower max_num_seqs")
-        if explicit and self.max_model_len > fits:
+                             f"at least {(pages_for(least) * PAGE + 1) * per} bytes")
+        if explicit and pages * PAGE < self.max_model_len:
             raise ValueError(f"{where}; max_model_len {self.max_model_len} needs "
-                             f"{self.max_num_seqs * (self.max_model_len + 1) * per}: raise the budget or lower "
-                             f"max_model_len or max_num_seqs")
-        return fits
+                             f"{(pages_for(self.max_model_len) * PAGE + 1) * per}: raise the budget or lower "
+                             f"max_model_len")
+        return pages
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -141,6 +143,9 @@ class EngineCore:
                              f"({n_blocks})")
         if rows > self.max_num_seqs:
             raise ValueError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}")
+        if params.cache != "none" and rows * pages_for(length) > self.pool.page_limit:
+            raise ValueError(f"cfg_scale with a cache keeps K/V for two rows of {length} positions; that exceeds the "
+                             f"{self.pool.page_limit * PAGE} positions that kv_cache_memory holds")
         if params.stop and self.detok.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
 
@@ -153,7 +158,7 @@ class EngineCore:
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        """Drop the request at the next step; its slots return to the pool."""
+        """Drop the request at the next step; its slots and KV pages return to the pool."""
         self.aborts.add(request_id)
 
     def has_unfinished(self) -> bool:
@@ -169,7 +174,7 @@ class EngineCore:
             self._release(r)
         self.running, self.aborts = [], set()
         self.waiting.clear()
-        self.stats.running = self.stats.waiting = 0
+        self._count_state()
         return ids
 
     # ---- the step -------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class EngineCore:
         outputs = self._drop_aborted()
         self._admit()
         if not self.running:
-            self.stats.running, self.stats.waiting = 0, len(self.waiting)
+            self._count_state()
             return outputs
         plans = [(r, r.seq.window()) for r in self.running]
         occupancy = sum(r.seq.rows for r in self.running) / self.max_num_seqs
@@ -197,8 +202,13 @@ class EngineCore:
         st = self.stats
         st.steps += 1
         st.occupancy_sum += occupancy
-        st.running, st.waiting = len(self.running), len(self.waiting)
+        self._count_state()
         return outputs
+
+    def _count_state(self) -> None:
+        st, pool = self.stats, self.pool
+        st.running, st.waiting = len(self.running), len(self.waiting)
+        st.kv_usage = pool.used_pages / pool.pages if pool.pages else 0.0
 
     def _drop_aborted(self) -> list[RequestOutput]:
         if not self.aborts:
@@ -216,28 +226,23 @@ class EngineCore:
         return outputs
 
     def _admit(self) -> None:
-        """First come, first served: the head of the queue waits until its slots and tokens fit."""
+        """First come, first served: the head of the queue waits until its slots, KV pages and tokens fit."""
         busy = sum(r.seq.rows * r.seq.length for r in self.running)
         while self.waiting:
             r = self.waiting[0]
             rows, length = footprint(len(r.prompt), r.params)
             tokens = rows * length
-            if rows > len(self.free_slots) or (self.running and busy + tokens > self.max_batch_tokens):
+            cached = r.params.cache != "none"
+            if (rows > self.free_rows or (cached and not self.pool.can_allocate(rows * pages_for(length)))
+                    or (self.running and busy + tokens > self.max_batch_tokens)):
                 break
             r.seq = Sequence(r.prompt, r.params, self.model.config, self.device)  # if it raises, r is still queued
             self.waiting.popleft()
-            r.slots = [self.free_slots.pop(0) for _ in range(rows)]
-            if r.params.cache != "none":
-                self._reserve(r.seq.length)
+            self.free_rows -= rows
+            r.kv = self.pool.allocate(length, rows) if cached else []
             r.stats.scheduled = time.perf_counter()
             self.running.append(r)
             busy += tokens
-
-    def _reserve(self, length: int) -> None:
-        if self.pool is None:
-            w = self.model.embed.weight
-            self.pool = KVPool(self.model.config, self.max_num_seqs, length, w.device, w.dtype)
-        self.pool.reserve(length)
 
     def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
         """One padded forward for the group; the block logits [rows, block, V] of each request. With CUDA
@@ -248,18 +253,16 @@ class EngineCore:
         rows, L = shape or (B, L)
         n = max(w.end - w.start for _, w in group)
         cached = any(r.params.cache != "none" for r, _ in group)
-        pool = self.pool
-        scratch = (pool.scratch_slot, pool.scratch_position) if pool is not None else (0, 0)
+        scratch = self.pool.scratch_position
         dev = self.device
         ids = torch.zeros(rows, L, dtype=torch.long, device=dev)
         positions = torch.zeros(rows, L, dtype=torch.long)
-        write_slot = torch.full((rows, L), scratch[0], dtype=torch.long)
-        write_pos = torch.full((rows, L), scratch[1], dtype=torch.long)
+        write_index = torch.full((rows, L), scratch, dtype=torch.long)
         read = L if full else max(r.seq.length for r, _ in group)
+        read_index = torch.full((rows, read), scratch, dtype=torch.long)  # read only by window forwards
         key_mask = torch.zeros(rows, read, dtype=torch.bool)
         key_mask[B:, 0] = True  # padding rows attend to something, so their (unread) outputs stay finite
         logits_at = torch.zeros(rows, n, dtype=torch.long)
-        read_slot = torch.zeros(rows, dtype=torch.long)
         row = 0
         for r, w in group:
             x = r.seq.inputs()[:, w.lo: w.hi]
@@ -267,15 +270,15 @@ class EngineCore:
             for j in range(r.seq.rows):
                 ids[row, : w.hi - w.lo] = x[j]
                 positions[row, : w.hi - w.lo] = span
-                if r.params.cache != "none":
-                    write_slot[row, : w.hi - w.lo] = r.slots[j]
-                    write_pos[row, : w.hi - w.lo] = span
-                    read_slot[row] = r.slots[j]
+                if r.kv:
+                    write_index[row, : w.hi - w.lo] = r.kv[j][w.lo: w.hi]
+                    if not full:
+                        read_index[row, : r.seq.length] = r.kv[j]
                 key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
                 logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
                 row += 1
-        inputs = (ids, positions, key_mask, write_slot, write_pos, read_slot, logits_at)
-        pool = pool if cached else None
+        inputs = (ids, positions, key_mask, write_index, read_index, logits_at)
+        pool = self.pool if cached else None
         if shape is not None:
             logits = self.graphs.forward(pool, full, *inputs)
         else:
@@ -323,6 +326,7 @@ class EngineCore:
                              nfe, r.stats)
 
     def _release(self, r: _Request) -> None:
-        self.free_slots.extend(r.slots)
-        self.free_slots.sort()
-        r.seq, r.slots = None, None
+        self.free_rows += r.seq.rows
+        for positions in r.kv:
+            self.pool.release(positions)
+        r.seq, r.kv = None, None

@@ -15,6 +15,7 @@ import uvicorn
 from qdllm.engine import LLM, AsyncEngine, SamplingParams
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.errors import ArgumentParser, CheckpointError, bounded, byte_size
+from qdllm.engine.kv_cache import PAGE
 from qdllm.engine.loader import BACKENDS, resolve_device
 
 from .app import ServerConfig, create_app
@@ -111,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving %s as '%s' on http://%s:%d/v1 (%s, %s)", args.model, config.model_name, args.host, args.port,
              device, next(llm.model.parameters()).dtype)
     core = llm.engine
-    if core.pool is not None:
-        log.info("KV pool: %d slots x %d positions, %.2f GiB, allocated; max_model_len %d", core.max_num_seqs,
-                 core.pool.length, core.pool.nbytes / 2**30, core.max_model_len)
+    pool = core.pool
+    if pool.max_pages is None:
+        log.info("KV pool: %d positions in pages of %d, %.3g GiB, allocated; max_model_len %d", pool.capacity, PAGE,
+                 pool.nbytes / 2**30, core.max_model_len)
     else:
-        log.info("KV pool: %d slots, grown as cached requests need, up to %d positions each", core.max_num_seqs,
-                 core.max_model_len)
+        log.info("KV pool: grown as cached requests need, up to %d positions in pages of %d; max_model_len %d",
+                 pool.page_limit * PAGE, PAGE, core.max_model_len)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found;
     # these make that last step a no-op, so a graceful shutdown exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

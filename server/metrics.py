@@ -59,6 +59,7 @@ class Metrics:
             ("qdllm_queue_depth", "gauge", "Requests accepted and not yet running.", engine.queue_depth),
             ("qdllm_running_requests", "gauge", "Requests being denoised.", st.running),
             ("qdllm_batch_occupancy", "gauge", "Mean share of sequence slots in use per step.", st.batch_occupancy),
+            ("qdllm_kv_cache_usage", "gauge", "Share of the KV pool's pages held by running requests.", st.kv_usage),
         ]:
             out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for h in (self.latency, self.first_block, self.queue, self.nfe_hist):

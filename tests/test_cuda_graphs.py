@@ -68,10 +68,10 @@ def test_a_growing_pool_drops_the_graphs_that_hold_the_old_one(llada_dir):
     core.add_request(*short, request_id="short")
     drain(core)
     old = core.pool.k
-    assert core.graphs.graphs and core.pool.length == 128
+    assert core.graphs.graphs and core.pool.pages == 2  # 19 positions
     core.add_request(*long, request_id="long")
     out = drain(core)["long"][-1]
-    assert core.pool.k is not old and core.pool.length == 256
+    assert core.pool.k is not old and core.pool.pages == 11  # 164 positions: grown when the long one came
     assert {key[4] for key in core.graphs.graphs} == {192, 164}  # only the long request's full and window reads
     assert out.token_ids == alone(model, *long).token_ids
 

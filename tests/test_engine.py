@@ -117,8 +117,8 @@ def test_token_budget_caps_the_batch_and_everyone_finishes(llada_dir):
 def test_abort_frees_slots_running_and_waiting(llada_dir):
     model = load_model(llada_dir)
     core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=1)
-    running = core.add_request(*REQUESTS[0])
-    waiting = core.add_request(*REQUESTS[2])
+    running = core.add_request(*REQUESTS[2])  # dual cache: it holds KV pages
+    waiting = core.add_request(*REQUESTS[0])
     core.step()
     assert core.stats.running == 1 and core.stats.waiting == 1
     core.abort_request(running)
@@ -126,7 +126,8 @@ def test_abort_frees_slots_running_and_waiting(llada_dir):
     outs = core.step()
     assert sorted((o.request_id, o.finish_reason, o.finished) for o in outs) == [
         (running, "abort", True), (waiting, "abort", True)]
-    assert not core.has_unfinished() and core.free_slots == [0] and core.stats.aborted == 2
+    assert not core.has_unfinished() and core.free_rows == 1 and core.stats.aborted == 2
+    assert core.pool.used_pages == 0 and core.pool.pages > 0
 
 
 def test_stats_count_the_work(llada_dir):
@@ -157,31 +158,46 @@ def test_bad_requests_name_what_is_wrong(llada_dir):
 
 
 def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
+    """Ten pages shared by four slots: a long request takes nine, the requests behind it wait for pages (not
+    slots), and every request gives the tokens it gives alone. One row per slot would have held 40 positions."""
     model = load_model(llada_dir)  # fp32, 2 layers x 4 KV heads x 16 dims: 1024 bytes of K and V per position
-    solo = [alone(model, p, s) for p, s in REQUESTS]
-    budget = 4 * 141 * 1024 + 1023  # 140 positions and the scratch, in each of 4 slots
-    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4, kv_cache_memory=budget)
+    long = (list(range(3, 103)), SamplingParams(max_tokens=32, steps=8, block_length=8, cache="prefix",
+                                                ignore_eos=True))  # 132 positions: nine pages
+    requests = [long, *REQUESTS]
+    solo = [alone(model, p, s) for p, s in requests]
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4, kv_cache_memory=161 * 1024 + 1023)
     pool = core.pool
-    assert core.max_model_len == pool.length == 140 and pool.nbytes == 4 * 141 * 1024
-    ids = [core.add_request(p, s) for p, s in REQUESTS]
-    outputs = drain(core)
-    assert core.pool is pool and pool.k.shape[2] == 141  # never regrown
+    assert core.max_model_len == pool.capacity == 160 and pool.nbytes == 161 * 1024
+    ids = [core.add_request(p, s) for p, s in requests]
+    outputs, waited_for_pages = {}, 0
+    while core.has_unfinished():
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        assert pool.used_pages <= 10 and core.stats.kv_usage == pool.used_pages / 10
+        waited_for_pages += bool(core.waiting and core.free_rows)
+    assert waited_for_pages and core.pool is pool and pool.k.shape[1] == 161  # never regrown
+    assert pool.used_pages == 0 and core.free_rows == 4
     assert [outputs[i][-1].token_ids for i in ids] == [o.token_ids for o in solo]
-    with pytest.raises(ValueError, match="exceeds the 140 positions per sequence that kv_cache_memory holds"):
-        core.add_request([5] * 130, SamplingParams(max_tokens=16, block_length=8))
+    with pytest.raises(ValueError, match="exceeds the 160 positions that kv_cache_memory holds"):
+        core.add_request([5] * 150, SamplingParams(max_tokens=16, block_length=8))
+    with pytest.raises(ValueError, match="two rows of 100 positions; that exceeds the 160 positions that "
+                                         "kv_cache_memory holds"):
+        core.add_request([5] * 84, SamplingParams(max_tokens=16, block_length=8, cfg_scale=1.0, cache="dual"))
+    core.add_request([5] * 84, SamplingParams(max_tokens=16, block_length=8, cfg_scale=1.0))  # no cache: no pages
 
 
 def test_a_kv_budget_that_cannot_hold_what_is_asked_is_refused(llada_dir):
     model = load_model(llada_dir)
     detok = Detokenizer(None, frozenset())
-    with pytest.raises(ValueError, match=r"^kv_cache_memory: 4096 bytes hold 0 positions for each of the 4 sequence "
-                                         r"slots \(1024 bytes per position.*needs 129: raise the budget to at "
-                                         r"least 532480 bytes or lower max_num_seqs$"):
+    with pytest.raises(ValueError, match=r"^kv_cache_memory: 4096 bytes hold 0 positions \(1024 bytes each, in pages "
+                                         r"of 16, plus one scratch position\); a default request \(one prompt "
+                                         r"token\) needs 129: raise the budget to at least 148480 bytes$"):
         EngineCore(model, detok, max_num_seqs=4, kv_cache_memory=4096)
-    with pytest.raises(ValueError, match=r"hold 200 positions .*; max_model_len 256 needs 1052672"):
-        EngineCore(model, detok, max_num_seqs=4, max_model_len=256, kv_cache_memory=4 * 201 * 1024)
-    roomy = EngineCore(model, detok, max_num_seqs=1, kv_cache_memory=1 << 30)  # more than the context needs
-    assert roomy.max_model_len == roomy.pool.length == 256 and roomy.pool.nbytes == 257 * 1024
+    with pytest.raises(ValueError, match=r"hold 192 positions .*; max_model_len 256 needs 263168: raise the budget "
+                                         r"or lower max_model_len$"):
+        EngineCore(model, detok, max_num_seqs=4, max_model_len=256, kv_cache_memory=201 * 1024)
+    roomy = EngineCore(model, detok, max_num_seqs=1, kv_cache_memory=1 << 30)  # more than one slot can use
+    assert roomy.max_model_len == roomy.pool.capacity == 256 and roomy.pool.nbytes == 257 * 1024
     with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
         roomy.add_request([5] * 250, SamplingParams(max_tokens=16, block_length=8))
 
@@ -204,7 +220,7 @@ def test_clear_after_a_failed_step_leaves_a_working_engine(llada_dir):
     a = core.add_request(*REQUESTS[0])
     with pytest.raises(RuntimeError, match="out of memory"):
         core.step()
-    assert core.clear() == [a] and core.free_slots == [0, 1]
+    assert core.clear() == [a] and core.free_rows == 2 and core.pool.used_pages == 0
     assert alone(model, *REQUESTS[0]).token_ids == drain_one(core, *REQUESTS[0]).token_ids
 
 

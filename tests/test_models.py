@@ -5,6 +5,7 @@ from reference import reference_logits
 from tiny import MASK, write_checkpoint
 
 from qdllm.engine import KVPool, load_model
+from qdllm.engine.kv_cache import PAGE
 
 
 def random_ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
@@ -67,63 +68,85 @@ def test_key_padding_mask_isolates_padding(model_dir):
     torch.testing.assert_close(batched[0], model(ids[:1])[0], rtol=1e-5, atol=1e-5)
 
 
-def cache(pool: KVPool, lo: int, hi: int, read: int | None = None):
-    """The view for feeding positions [lo, hi) of slot 0; read=None attends over the fed tokens."""
-    pos = torch.arange(lo, hi)[None]
-    return pool.view(torch.zeros_like(pos), pos, None if read is None else torch.zeros(1, dtype=torch.long), read or 0)
+def scattered() -> torch.Tensor:
+    """Flat K/V positions of a 32-position sequence whose two pages lie out of order (pages 3, then 1)."""
+    return torch.cat([torch.arange(3 * PAGE, 4 * PAGE), torch.arange(PAGE, 2 * PAGE)])
+
+
+def cache(pool: KVPool, index: torch.Tensor, lo: int, hi: int, read: int | None = None):
+    """The view for feeding positions [lo, hi) of the sequence at flat positions `index`; read=None attends
+    over the fed tokens, otherwise over the sequence's first `read` positions."""
+    return pool.view(index[lo:hi][None], None if read is None else index[:read][None])
 
 
 @pytest.mark.parametrize("window", ["prefix", "dual"])
 def test_cache_windows_reproduce_the_full_forward(model_dir, window):
     """After a refresh, feeding only the block (dual) or block + suffix (prefix) attends to the
-    cached K/V and gives the full forward's logits for an unchanged canvas."""
-    model, ids = load_model(model_dir), random_ids(1, 32)
+    cached K/V, read back in sequence order from pages out of order, and gives the full forward's logits for
+    an unchanged canvas."""
+    model, ids, index = load_model(model_dir), random_ids(1, 32), scattered()
     full = model(ids)
-    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
-    torch.testing.assert_close(model(ids, cache=cache(pool, 0, 32)), full)
+    pool = KVPool(model.config, 4, "cpu", torch.float32)
+    torch.testing.assert_close(model(ids, cache=cache(pool, index, 0, 32)), full)
     start, end = 16, 24
     lo = start - 1  # one token before the block: Dream reads the block's first logits from it
     hi = end if window == "dual" else 32
-    out = model(ids[:, lo:hi], positions=torch.arange(lo, hi)[None], cache=cache(pool, lo, hi, read=32),
+    out = model(ids[:, lo:hi], positions=torch.arange(lo, hi)[None], cache=cache(pool, index, lo, hi, read=32),
                 logits_at=torch.arange(1, 1 + end - start)[None])
     torch.testing.assert_close(out, full[:, start:end], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_window_writes_new_block_kv_and_keeps_the_rest(llada_dir):
-    """A window forward replaces its own slots and leaves the others as the refresh wrote them."""
-    model, ids = load_model(llada_dir), random_ids(1, 32)
-    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
-    model(ids, cache=cache(pool, 0, 32))
-    k = lambda: pool.k[:, 0, :32]  # noqa: E731  (layers, positions, heads, dim)
+    """A window forward replaces its own positions and leaves the others as the refresh wrote them."""
+    model, ids, index = load_model(llada_dir), random_ids(1, 32), scattered()
+    pool = KVPool(model.config, 4, "cpu", torch.float32)
+    model(ids, cache=cache(pool, index, 0, 32))
+    k = lambda: pool.k[:, index]  # noqa: E731  (layers, positions, heads, dim)
     outside = torch.cat([k()[:, :16], k()[:, 24:]], 1).clone()
     changed = ids.clone()
     changed[0, 18] = 7
-    model(changed[:, 16:24], positions=torch.arange(16, 24)[None], cache=cache(pool, 16, 24, read=32))
+    model(changed[:, 16:24], positions=torch.arange(16, 24)[None], cache=cache(pool, index, 16, 24, read=32))
     torch.testing.assert_close(torch.cat([k()[:, :16], k()[:, 24:]], 1), outside, rtol=0, atol=0)
-    fresh = KVPool(model.config, 1, 32, "cpu", torch.float32)
-    model(changed, cache=cache(fresh, 0, 32))  # layer 0's K depends on the tokens alone
-    torch.testing.assert_close(k()[0, 16:24], fresh.k[0, 0, 16:24])
+    fresh = KVPool(model.config, 2, "cpu", torch.float32)
+    model(changed, cache=cache(fresh, torch.arange(32), 0, 32))  # layer 0's K depends on the tokens alone
+    torch.testing.assert_close(k()[0, 16:24], fresh.k[0, 16:24])
     assert not torch.allclose(k()[0, 18], outside[0, 2])
 
 
-def test_pool_growth_keeps_what_the_rows_hold(llada_dir):
+def test_pages_are_handed_out_lowest_first_and_come_back(llada_dir):
+    cfg = load_model(llada_dir).config
+    pool = KVPool(cfg, 4, "cpu", torch.float32)  # fixed: 64 positions
+    a, b = pool.allocate(20, rows=2)  # two pages each
+    assert a.tolist() == list(range(20)) and b.tolist() == list(range(32, 52))
+    assert pool.used_pages == 4 and not pool.can_allocate(1)
+    with pytest.raises(ValueError, match="cannot hold 1 x 5 more positions"):
+        pool.allocate(5)
+    pool.release(a)
+    assert pool.can_allocate(2) and not pool.can_allocate(3)
+    assert pool.allocate(17)[0].tolist() == list(range(17))
+    assert pool.k.shape[1] == 4 * PAGE + 1 and pool.scratch_position == 4 * PAGE  # never grown
+
+
+def test_pool_growth_keeps_the_pages_in_use(llada_dir):
     model, ids = load_model(llada_dir), random_ids(1, 32)
-    pool = KVPool(model.config, 2, 32, "cpu", torch.float32)
-    model(ids, cache=cache(pool, 0, 32))
-    before = pool.k[:, :, :32].clone()
-    pool.reserve(300)
-    # One row per slot (no scratch row: at batch 1 it would double the pool), plus the scratch position.
-    assert pool.k.shape[1] == 2 and pool.length >= 300 and pool.k.shape[2] == pool.length + 1
-    torch.testing.assert_close(pool.k[:, :, :32], before, rtol=0, atol=0)
+    pool = KVPool(model.config, 0, "cpu", torch.float32, max_pages=12)
+    (index,) = pool.allocate(32)
+    model(ids, cache=cache(pool, index, 0, 32))
+    before, old = pool.k[:, index].clone(), pool.k
+    a, b = pool.allocate(40, rows=2)  # three pages each: the pool grows to 8
+    assert pool.k is not old and pool.pages == 8 and pool.used_pages == 8
+    assert a.tolist() == list(range(32, 72)) and b.tolist() == list(range(80, 120))
+    torch.testing.assert_close(pool.k[:, index], before, rtol=0, atol=0)
+    pool.allocate(16)  # grows by half at least, within max_pages
+    assert pool.pages == 12 and not pool.can_allocate(4)
 
 
 def test_scratch_writes_land_where_no_read_reaches(llada_dir):
-    """Tokens that must not be stored go to row 0's scratch position; row 0's cached K/V stay intact."""
+    """Tokens that must not be stored go to the scratch position, past every page; cached K/V stay intact."""
     model, ids = load_model(llada_dir), random_ids(1, 32)
-    pool = KVPool(model.config, 1, 32, "cpu", torch.float32)
-    model(ids, cache=cache(pool, 0, 32))
-    kept = pool.k[:, 0, :32].clone()
-    scratch = torch.full((1, 32), pool.scratch_position)
-    model(random_ids(1, 32), cache=pool.view(torch.full((1, 32), pool.scratch_slot), scratch))
-    torch.testing.assert_close(pool.k[:, 0, :32], kept, rtol=0, atol=0)
-    assert pool.scratch_position == pool.length  # past every position a read covers
+    pool = KVPool(model.config, 2, "cpu", torch.float32)
+    model(ids, cache=cache(pool, torch.arange(32), 0, 32))
+    kept = pool.k[:, :32].clone()
+    model(random_ids(1, 32), cache=pool.view(torch.full((1, 32), pool.scratch_position)))
+    torch.testing.assert_close(pool.k[:, :32], kept, rtol=0, atol=0)
+    assert pool.scratch_position == pool.capacity == 32 and pool.k.shape[1] == 33

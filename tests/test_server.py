@@ -125,7 +125,8 @@ def test_models_health_and_metrics(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     text = httpx.get(server.url + "/metrics").text
     for name in ("qdllm_requests_total", "qdllm_generation_tokens_total", "qdllm_queue_depth",
-                 "qdllm_batch_occupancy", "qdllm_nfe_total", "qdllm_request_latency_seconds_bucket"):
+                 "qdllm_batch_occupancy", "qdllm_kv_cache_usage", "qdllm_nfe_total",
+                 "qdllm_request_latency_seconds_bucket"):
         assert name in text
     assert 'qdllm_requests_total{endpoint="/v1/completions",status="200"}' in text
 
@@ -318,8 +319,8 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
                                           ([str(ASSET), "--kv-cache-memory", "lots"],
                                            "--kv-cache-memory must be a size such as 2GiB"),
                                           ([str(ASSET), "--device", "cpu", "--kv-cache-memory", "1MiB"],
-                                           ("kv_cache_memory: 1048576 bytes hold 6 positions for each of the 8 "
-                                            "sequence slots (18432 bytes per position"))])
+                                           ("kv_cache_memory: 1048576 bytes hold 48 positions (18432 bytes each, "
+                                            "in pages of 16, plus one scratch position); a default request"))])
 def test_bad_cli_input_is_one_line(args, message):
     r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -331,12 +332,12 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
     manifest = json.loads((art / "qdllm.json").read_text())
     manifest["generation"].update(block_length=8, cache="dual", threshold=0.5)
     (art / "qdllm.json").write_text(json.dumps(manifest))
-    # fp32 K and V of 6 layers x 6 heads x 64 dims: 18432 bytes a position; 200 positions (+ the scratch) x 8 slots
-    s = Server(art, "--kv-cache-memory", str(8 * 201 * 18432))
+    # fp32 K and V of 6 layers x 6 heads x 64 dims: 18432 bytes a position; 13 pages of 16 positions, the scratch
+    s = Server(art, "--kv-cache-memory", str(209 * 18432))
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         models = client.models.list().data
-        assert [m.id for m in models] == ["shakespeare-2bit"] and models[0].max_model_len == 200
+        assert [m.id for m in models] == ["shakespeare-2bit"] and models[0].max_model_len == 208
         messages = [{"role": "user", "content": "Who is there?"}]
         chunks = client.chat.completions.create(model="shakespeare-2bit", messages=messages, max_tokens=32,
                                                 stream=True)
@@ -346,4 +347,4 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
     ref = LLM(art, device="cpu", dtype=torch.float32).chat(
         messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
     assert text == ref.text and text
-    assert code == 0 and "Traceback" not in log and "KV pool: 8 slots x 200 positions, 0.03 GiB, allocated" in log
+    assert code == 0 and "Traceback" not in log and "KV pool: 208 positions in pages of 16, 0.00359 GiB, allocated; max_model_len 208" in log
