@@ -84,10 +84,18 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "qdllm",
+                "max_model_len": engine.core.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                            "owned_by": "qdllm", "max_model_len": engine.core.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        check_model(model)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -262,7 +270,7 @@ class AuthAndCount:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
         async def counted(message) -> None:
             if message["type"] == "http.response.start":

@@ -122,6 +122,10 @@ def test_n_choices_are_seeded_and_reproducible(client):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.owned_by == "qdllm" and card.max_model_len == 256
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist; this server serves"):
+        client.models.retrieve("gpt-4")
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     text = httpx.get(server.url + "/metrics").text
     for name in ("qdllm_requests_total", "qdllm_generation_tokens_total", "qdllm_queue_depth",
@@ -129,6 +133,7 @@ def test_models_health_and_metrics(server, client):
                  "qdllm_request_latency_seconds_bucket"):
         assert name in text
     assert 'qdllm_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert 'qdllm_requests_total{endpoint="/v1/models/{model}",status="404"} 1' in text
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -347,4 +352,5 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
     ref = LLM(art, device="cpu", dtype=torch.float32).chat(
         messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
     assert text == ref.text and text
-    assert code == 0 and "Traceback" not in log and "KV pool: 208 positions in pages of 16, 0.00359 GiB, allocated; max_model_len 208" in log
+    assert code == 0 and "Traceback" not in log
+    assert "KV pool: 208 positions in pages of 16, 0.00359 GiB, allocated; max_model_len 208" in log
