@@ -266,7 +266,8 @@ def main() -> None:
                     "sampling": dataclasses.asdict(sp),
                     "tokens_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]},
                     "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
-                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+                    "kv_pool_gb": core.pool.nbytes / 1e9})
                 speedups(results)
                 record = {"benchmark": "e2e", "environment": env, "settings": settings,
                           "complete": len(results) == len(configs) * len(batches), "results": results,

@@ -53,4 +53,6 @@ def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     assert record["complete"] and record["settings"]["effective_bits"] == manifest["effective_bits"]
     assert [(x["config"], x["batch"]) for x in record["results"]] == [("d", 1), ("b", 1)]
     assert all(x["tokens_per_s"]["median"] > 0 and x["nfe_per_request"] <= 32 for x in record["results"])
+    positions = [round(x["kv_pool_gb"] * 1e9) / 18432 for x in record["results"]]  # fp32: 18432 bytes a position
+    assert all(p > 1 and (p - 1) % 16 == 0 for p in positions), positions  # whole pages and the scratch
     assert [row["weights"] for row in record["fits"]].count("2bit") == len(record["fits"]) // 2
