@@ -8,8 +8,10 @@ start, or every step without a cache) keep its sequence length. So each shape is
 replayed from then on.
 
 Shapes are bucketed so that requests coming and going do not force new captures: rows are padded to a power
-of two (at most max_num_seqs) and full forwards to a multiple of LENGTH_STEP tokens; padding tokens are
-masked out of attention and store their K/V at the pool's scratch position. Forwards of more than
+of two (at most max_num_seqs), full forwards to a multiple of LENGTH_STEP tokens, and the K/V positions a
+window forward reads to a multiple of LENGTH_STEP too, so sequences of different lengths share graphs;
+padding tokens are masked out of attention and store their K/V at the pool's scratch position, and padded
+reads read the scratch position, masked out as well. Forwards of more than
 `max_tokens` padded tokens stay eager: their compute dwarfs the launches, and their activations would stay
 reserved in the graphs' memory pool. A graph reads its inputs from, and writes its logits to, fixed tensors:
 the logits a replay returns stay valid until the same graph replays again.
@@ -70,16 +72,17 @@ class ForwardGraphs:
         self.pool_k: Tensor | None = None
         self.captures = 0
 
-    def shape(self, batch: int, length: int, full: bool) -> tuple[int, int] | None:
-        """The padded (rows, tokens per row) of a forward of `batch` rows of `length` tokens, or None if
-        that forward runs eagerly."""
+    def shape(self, batch: int, length: int, read: int, full: bool) -> tuple[int, int, int] | None:
+        """The padded (rows, tokens per row, K/V positions read per row) of a forward of `batch` rows of `length`
+        tokens that reads `read` positions (a full forward reads what it is fed), or None if it runs eagerly."""
         rows = 1
         while rows < batch:
             rows *= 2
         rows = min(rows, self.max_num_seqs)
+        read = -(-read // LENGTH_STEP) * LENGTH_STEP
         if full:
-            length = -(-length // LENGTH_STEP) * LENGTH_STEP
-        return (rows, length) if rows * length <= self.max_tokens else None
+            length = read
+        return (rows, length, read) if rows * length <= self.max_tokens else None
 
     def forward(self, pool: KVPool | None, full: bool, ids: Tensor, positions: Tensor, key_mask: Tensor,
                 write_index: Tensor, read_index: Tensor, logits_at: Tensor) -> Tensor:

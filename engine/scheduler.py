@@ -249,8 +249,9 @@ class EngineCore:
         graphs, a forward they take is padded to their shape and replayed."""
         B = sum(r.seq.rows for r, _ in group)
         L = max(w.hi - w.lo for _, w in group)
-        shape = self.graphs.shape(B, L, full) if self.graphs is not None else None
-        rows, L = shape or (B, L)
+        read = L if full else max(r.seq.length for r, _ in group)
+        shape = self.graphs.shape(B, L, read, full) if self.graphs is not None else None
+        rows, L, read = shape or (B, L, read)
         n = max(w.end - w.start for _, w in group)
         cached = any(r.params.cache != "none" for r, _ in group)
         scratch = self.pool.scratch_position
@@ -258,7 +259,6 @@ class EngineCore:
         ids = torch.zeros(rows, L, dtype=torch.long, device=dev)
         positions = torch.zeros(rows, L, dtype=torch.long)
         write_index = torch.full((rows, L), scratch, dtype=torch.long)
-        read = L if full else max(r.seq.length for r, _ in group)
         read_index = torch.full((rows, read), scratch, dtype=torch.long)  # read only by window forwards
         key_mask = torch.zeros(rows, read, dtype=torch.bool)
         key_mask[B:, 0] = True  # padding rows attend to something, so their (unread) outputs stay finite

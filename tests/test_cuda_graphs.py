@@ -53,8 +53,9 @@ def test_replayed_forwards_give_the_tokens_of_eager_forwards(model_dir, max_grap
     assert 0 < graphs.captures < capture.replays  # shapes repeat: captured once, replayed
     assert (capture.replays < core.stats.forwards) == (max_tokens == 128)  # the larger forwards stay eager
     assert len(graphs.graphs) <= max_graphs
-    for full, _, rows, length, _, _ in graphs.graphs:
+    for full, _, rows, length, read, _ in graphs.graphs:
         assert rows in (1, 2, 4, 8) and rows * length <= max_tokens and (not full or length % 64 == 0)
+        assert read % 64 == 0
     if max_graphs > 2:  # both kinds of forward were captured (with eviction only the latest shapes are left)
         assert {key[0] for key in graphs.graphs} == {True, False}
 
@@ -72,19 +73,33 @@ def test_a_growing_pool_drops_the_graphs_that_hold_the_old_one(llada_dir):
     core.add_request(*long, request_id="long")
     out = drain(core)["long"][-1]
     assert core.pool.k is not old and core.pool.pages == 11  # 164 positions: grown when the long one came
-    assert {key[4] for key in core.graphs.graphs} == {192, 164}  # only the long request's full and window reads
+    assert {key[4] for key in core.graphs.graphs} == {192}  # only the long request's: 164 positions read, padded
     assert out.token_ids == alone(model, *long).token_ids
+
+
+def test_sequences_of_different_lengths_share_their_graphs(llada_dir):
+    """Prompts of 19, 11 and 3 tokens, one after another (longest first, so the pool never grows): their full
+    forwards pad to 64 tokens and their window forwards read 64 positions, so two captures serve all three, and
+    the tokens are the eager ones."""
+    model = load_model(llada_dir)
+    params = SamplingParams(max_tokens=16, steps=8, block_length=8, cache="dual", ignore_eos=True)
+    core = graph_core(model)
+    for n in (19, 11, 3):
+        prompt = list(range(5, 5 + n))
+        core.add_request(prompt, params, request_id="r")
+        assert drain(core)["r"][-1].token_ids == alone(model, prompt, params).token_ids
+    assert core.graphs.captures == 2 and core.graphs.capture.replays == 3 * 8
 
 
 def test_graph_shapes_pad_rows_and_full_lengths_up_to_the_token_cap(llada_dir):
     graphs = ForwardGraphs(load_model(llada_dir), max_num_seqs=12, capture=Replaying(), max_tokens=1024)
-    assert [graphs.shape(b, 32, False)[0] for b in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
-    assert graphs.shape(3, 33, False) == (4, 33)  # windows keep their length
-    assert graphs.shape(3, 33, True) == (4, 64)
-    assert graphs.shape(3, 193, True) == (4, 256)  # 1024 tokens: at the cap
-    assert graphs.shape(3, 257, True) is None  # 4 x 320 tokens: eager
-    assert graphs.shape(9, 85, False) == (12, 85)
-    assert graphs.shape(9, 86, False) is None
+    assert [graphs.shape(b, 32, 100, False)[0] for b in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert graphs.shape(3, 33, 100, False) == (4, 33, 128)  # windows keep their length; their reads are padded
+    assert graphs.shape(3, 33, 33, True) == (4, 64, 64)  # a full forward reads what it is fed
+    assert graphs.shape(3, 193, 193, True) == (4, 256, 256)  # 1024 tokens: at the cap
+    assert graphs.shape(3, 257, 257, True) is None  # 4 x 320 tokens: eager
+    assert graphs.shape(9, 85, 300, False) == (12, 85, 320)
+    assert graphs.shape(9, 86, 300, False) is None
 
 
 def test_cuda_graphs_need_a_cuda_device(llada_dir):
