@@ -20,12 +20,13 @@ class LLM:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
-                 max_model_len: int | None = None, cuda_graphs: bool = False, kv_cache_memory: int | None = None):
+                 max_model_len: int | None = None, cuda_graphs: bool = False, kv_cache_memory: int | None = None,
+                 chat_template: str | Path | None = None):
         device = resolve_device(device)
         if cuda_graphs and device.type != "cuda":  # refused before the weights load
             raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+        self.tokenizer = load_tokenizer(path, chat_template)  # before the weights, which can take minutes
         self.model = load_model(path, device=device, dtype=dtype, backend=backend)
-        self.tokenizer = load_tokenizer(path)
         check_vocab(self.tokenizer, self.model.config.vocab_size, path)
         self.eos_ids = end_token_ids(self.tokenizer, self.model.config.eos_token_ids)
         self.engine = EngineCore(self.model, Detokenizer(self.tokenizer, self.eos_ids), max_num_seqs=max_num_seqs,

@@ -18,24 +18,33 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> PreTrainedTokenizerBase:
     """AutoTokenizer with trust_remote_code=False. A checkpoint whose tokenizer_config names its own code
     (Dream's `auto_map`) gets the stock class that code wraps: a fast tokenizer from tokenizer.json, or a
-    Qwen2 BPE from vocab.json and merges.txt."""
+    Qwen2 BPE from vocab.json and merges.txt. `chat_template`: a Jinja file that replaces the tokenizer's
+    template (a base model has none, and chat then falls back to `role: content` lines)."""
     path = Path(path)
     if not any((path / name).is_file() for name in VOCAB_FILES):  # transformers' own message names no file
         raise CheckpointError(f"{path}: tokenizer does not load (no {', '.join(VOCAB_FILES[:-1])} or "
                               f"{VOCAB_FILES[-1]})")
     tokenizer = _load(path)
+    template_file = path / "chat_template.jinja"
+    if chat_template is not None:
+        template_file = Path(chat_template)
+        try:
+            tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+            raise CheckpointError(f"{template_file}: the chat template does not read ({reason})") from None
+    elif not template_file.is_file():
+        template_file = path / "tokenizer_config.json"
     if tokenizer.chat_template:  # a template that does not compile would fail every chat request
         try:
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                           add_generation_prompt=True)
         except TemplateSyntaxError as e:
-            file = path / "chat_template.jinja"
-            file = file if file.is_file() else path / "tokenizer_config.json"
             error = f"line {e.lineno}: {e.message}"
-            raise CheckpointError(f"{file}: the chat template does not compile ({error})") from None
+            raise CheckpointError(f"{template_file}: the chat template does not compile ({error})") from None
         except Exception:  # raise_exception and the like: a matter for each request, not for loading
             pass
     return tokenizer

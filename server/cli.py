@@ -45,6 +45,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,
                     help="requests waiting before new ones get 503 (default 128)")
     ap.add_argument("--max-n", type=bounded(int, "--max-n", 1), default=16, help="largest n per request (default 16)")
+    ap.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                    help="a Jinja chat template instead of the tokenizer's (a base model has none)")
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
     ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return ap
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
         llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
                   max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
-                  cuda_graphs=args.cuda_graphs, kv_cache_memory=args.kv_cache_memory)
+                  cuda_graphs=args.cuda_graphs, kv_cache_memory=args.kv_cache_memory, chat_template=args.chat_template)
         defaults = generation_defaults(args.model)
     except ValueError as e:  # CheckpointError and bad settings: one line each
         print(f"qdllm-serve: error: {e}", file=sys.stderr)

@@ -325,7 +325,9 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
                                            "--kv-cache-memory must be a size such as 2GiB"),
                                           ([str(ASSET), "--device", "cpu", "--kv-cache-memory", "1MiB"],
                                            ("kv_cache_memory: 1048576 bytes hold 48 positions (18432 bytes each, "
-                                            "in pages of 16, plus one scratch position); a default request"))])
+                                            "in pages of 16, plus one scratch position); a default request")),
+                                          ([str(ASSET), "--device", "cpu", "--chat-template", "/no/such.jinja"],
+                                           "/no/such.jinja: the chat template does not read (No such file")])
 def test_bad_cli_input_is_one_line(args, message):
     r = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -49,3 +49,29 @@ def test_missing_tokenizer_is_one_line(tmp_path):
     path = write_checkpoint(tmp_path, "llada", tokenizer=False)
     with pytest.raises(CheckpointError, match="tokenizer does not load"):
         load_tokenizer(path)
+
+
+def test_a_chat_template_file_replaces_the_tokenizers(tmp_path, llada_dir):
+    """A base model's missing template, or any other, is replaced by --chat-template's file."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w9"
+                        "{% endif %}")
+    tok = load_tokenizer(llada_dir, template)
+    messages = [{"role": "system", "content": "w2"}, {"role": "user", "content": "w3 w4"}]
+    assert chat_prompt(tok, messages) == [2, 3, 4, 9]
+    llm = LLM(llada_dir, device="cpu", chat_template=template)
+    assert llm.chat(messages, SamplingParams(max_tokens=4, ignore_eos=True))[0].prompt_token_ids == [2, 3, 4, 9]
+
+
+def test_a_bad_chat_template_file_is_one_line(tmp_path, llada_dir):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("w1\n{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(CheckpointError, match=rf"^{broken}: the chat template does not compile \(line 2: "):
+        load_tokenizer(llada_dir, broken)
+    missing = tmp_path / "missing.jinja"
+    with pytest.raises(CheckpointError, match=rf"^{missing}: the chat template does not read \(No such file"):
+        LLM(llada_dir, device="cpu", chat_template=missing)
+    binary = tmp_path / "binary.jinja"
+    binary.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(CheckpointError, match=rf"^{binary}: the chat template does not read \(not UTF-8 text\)$"):
+        load_tokenizer(llada_dir, binary)
