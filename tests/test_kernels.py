@@ -153,6 +153,18 @@ def test_reference_linear_with_bias():
     assert bcq_linear_reference(x.half(), pack(codes)).dtype == torch.float16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_computes_in_half_precision_like_a_dense_layer(dtype):
+    """Half-precision x gets Ŵ rounded to its dtype and one matmul in that dtype, as nn.Linear would (not an fp32
+    upcast: a CPU runs bf16 GEMMs on its bf16 units), within the dtype's error of the float64 oracle."""
+    codes, expected = random_codes([2, 3, 1], n=48, g=32)
+    w = pack(codes)
+    x = torch.randn(7, 96, dtype=torch.float64)
+    y = bcq_linear_reference(x.to(dtype), w)
+    assert y.dtype == dtype and torch.equal(y, torch.nn.functional.linear(x.to(dtype), dequantize(w, dtype)))
+    assert rel_err(y, x @ expected.T) <= TOL[dtype]
+
+
 # ---- Triton kernels (interpreted without CUDA) ----
 
 @needs_triton
