@@ -39,6 +39,15 @@ class RequestStats:
         return None if self.finished is None else self.finished - self.arrival
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability at the step that committed it, and the most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
 @dataclass
 class RequestOutput:
     """The answer so far (`token_ids`, `text`) and what the latest finished block added (`delta_*`)."""
@@ -53,6 +62,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS or a stop string), "length", or "abort"; None until finished
     nfe: int  # network evaluations spent; a CFG step counts two
     stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when SamplingParams.logprobs asks
 
     @property
     def tokens_per_s(self) -> float | None:

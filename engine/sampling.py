@@ -20,6 +20,7 @@ def _is_num(v: object) -> bool:
 
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class SamplingParams:
     alg_temp:     Dream: above 0, positions are sampled from softmax(confidence / alg_temp) instead of top-k.
     schedule:     linear (LLaDA: even split per block) or timestep (Dream: 1 - s/t of the remaining masks);
                   default: the model family's own.
+    logprobs:     return each generated token's log-probability, and this many of the most likely tokens
+                  (0 to 20), from the distribution at the step that committed it: the model's (after CFG),
+                  before temperature and top_p. None: no logprobs.
     """
 
     max_tokens: int = 128
@@ -63,6 +67,7 @@ class SamplingParams:
     ignore_eos: bool = False
     alg_temp: float = 0.0
     schedule: str | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, expected: str) -> None:
@@ -93,3 +98,5 @@ class SamplingParams:
         check("ignore_eos", type(self.ignore_eos) is bool, "true or false")
         check("alg_temp", _is_num(self.alg_temp) and self.alg_temp >= 0, "a number >= 0")
         check("schedule", self.schedule is None or self.schedule in SCHEDULES, f"null or one of {list(SCHEDULES)}")
+        check("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"null or an integer in [0, {MAX_LOGPROBS}]")

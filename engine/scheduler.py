@@ -321,9 +321,9 @@ class EngineCore:
             r.stats.finished = time.perf_counter()
         delta_tokens, delta_text = tokens[len(r.sent_tokens):], text[len(r.sent_text):]
         r.sent_tokens, r.sent_text = tokens, text
-        nfe = r.seq.nfe if r.seq is not None else 0
+        nfe, logprobs = (r.seq.nfe, r.seq.logprobs(tokens)) if r.seq is not None else (0, None)
         return RequestOutput(r.id, r.prompt, tokens, text, delta_tokens, delta_text, reason is not None, reason,
-                             nfe, r.stats)
+                             nfe, r.stats, logprobs)
 
     def _release(self, r: _Request) -> None:
         self.free_rows += r.seq.rows

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .output import TokenLogprob
 from .remasking import propose, select
 from .sampling import SamplingParams
 from .schedule import commit_count, commit_probability, split_steps
@@ -57,6 +58,11 @@ class Sequence:
         self.rows, self.length = footprint(self.prompt_len, params)  # CFG's second row masks the prompt
         self.x = torch.full((self.length,), self.mask, dtype=torch.long, device=device)
         self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long, device=device)
+        self.logprob: Tensor | None = None  # per canvas position, and the alternatives (values, ids), when asked
+        if params.logprobs is not None:
+            self.logprob = torch.zeros(self.length, dtype=torch.float64, device=device)
+            self.top = (torch.zeros(self.length, params.logprobs, dtype=torch.float64, device=device),
+                        torch.zeros(self.length, params.logprobs, dtype=torch.long, device=device))
         self.gen = torch.Generator(device)
         self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
         self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
@@ -115,8 +121,27 @@ class Sequence:
         else:
             chosen = select(conf, self.count, p.threshold, p.alg_temp, self.gen)
         self.x[self.start + self.masked[chosen]] = x0[chosen]
+        if self.logprob is not None:
+            self._record_logprobs(logits[self.masked[chosen]], x0[chosen], self.start + self.masked[chosen])
         self.refresh, self.step = False, self.step + 1
         return self._settle()
+
+    def _record_logprobs(self, logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
+        """The committed tokens' log-probabilities, and the most likely tokens, in float64 as `propose` scores."""
+        lp = torch.log_softmax(logits.double(), -1)
+        self.logprob[positions] = lp.gather(-1, tokens[:, None])[:, 0]
+        if self.params.logprobs:
+            top = lp.topk(self.params.logprobs, -1)
+            self.top[0][positions], self.top[1][positions] = top.values, top.indices
+
+    def logprobs(self, tokens: list[int]) -> list[TokenLogprob] | None:
+        """Those of the generated `tokens` (the canvas as the answer was cut), or None when not asked for."""
+        if self.logprob is None:
+            return None
+        lo, hi = self.prompt_len, self.prompt_len + len(tokens)
+        values, ids = self.top[0][lo:hi].tolist(), self.top[1][lo:hi].tolist()
+        return [TokenLogprob(t, lp, tuple(zip(i, v)))
+                for t, lp, i, v in zip(tokens, self.logprob[lo:hi].tolist(), ids, values)]
 
     def next_block(self) -> None:
         """Start the next block. Every block has a step that commits: the last step takes all the rest."""

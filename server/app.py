@@ -27,6 +27,7 @@ from qdllm.engine import AsyncEngine, EngineError, QueueFullError, RequestOutput
 from qdllm.engine.tokenizer import chat_prompt
 
 from .errors import APIError, error_body, error_response
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, parse, sampling_params
 
@@ -185,7 +186,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
             for s in streams:
                 s.cancel()
             raise submit_error(e, chat) from None
-        meta = Meta(rid, config.model_name, chat, sum(len(p) for p in prompts))
+        meta = Meta(rid, config.model_name, chat, sum(len(p) for p in prompts), tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(streams, meta, include_usage), media_type="text/event-stream",
@@ -221,6 +222,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     async def sse(streams: list, meta: Meta, include_usage: bool) -> AsyncIterator[str]:
         finals: list[RequestOutput | None] = [None] * len(streams)
+        sent = [(0, 0)] * len(streams)  # per choice: tokens whose logprobs went out, and their text's length
         try:
             if meta.chat:
                 for index in range(len(streams)):
@@ -231,7 +233,8 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
                     yield f"data: {json.dumps(error_body(503, message))}\n\n"
                     return
                 if out.delta_text or out.finished:
-                    yield meta.chunk(index, out.delta_text, out.finish_reason)
+                    logprobs, sent[index] = meta.logprobs(out, *sent[index])
+                    yield meta.chunk(index, out.delta_text, out.finish_reason, logprobs)
                 if out.finished:
                     finals[index] = out
             record(meta, finals)
@@ -328,6 +331,7 @@ class Meta:
     model: str
     chat: bool
     prompt_tokens: int  # each prompt counts once however many choices it has, as OpenAI counts it
+    tokenizer: PreTrainedTokenizerBase
     created: int = field(default_factory=lambda: int(time.time()))
     start: float = field(default_factory=time.perf_counter)
 
@@ -343,22 +347,34 @@ class Meta:
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
+    def logprobs(self, out: RequestOutput, sent: int = 0, offset: int = 0) -> tuple[dict | None, tuple[int, int]]:
+        """The logprobs object for the answer's tokens after the first `sent` (whose text is `offset` characters
+        long), or None if the request did not ask; and the new (sent, offset)."""
+        if out.logprobs is None:
+            return None, (sent, offset)
+        before, entries = out.token_ids[:sent], out.logprobs[sent:]
+        if self.chat:
+            return chat_logprobs(self.tokenizer, entries, before), (len(out.logprobs), offset)
+        lists = completion_logprobs(self.tokenizer, entries, before, offset)
+        return lists, (len(out.logprobs), offset + sum(len(t) for t in lists["tokens"]))
+
     def response(self, finals: list[RequestOutput]) -> dict:
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                        "finish_reason": o.finish_reason} for i, o in enumerate(finals)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
+                        "logprobs": self.logprobs(o)[0], "finish_reason": o.finish_reason}
+                       for i, o in enumerate(finals)]
         else:
-            choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+            choices = [{"index": i, "text": o.text, "logprobs": self.logprobs(o)[0], "finish_reason": o.finish_reason}
                        for i, o in enumerate(finals)]
         return self._envelope(self.kind, choices) | {"usage": self.usage(finals)}
 
-    def chunk(self, index: int, delta: str | dict, finish_reason: str | None) -> str:
+    def chunk(self, index: int, delta: str | dict, finish_reason: str | None, logprobs: dict | None = None) -> str:
         if self.chat:
             delta = delta if isinstance(delta, dict) else {"content": delta} if delta else {}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._envelope("chat.completion.chunk", [choice])
         else:
-            body = self._envelope("text_completion", [{"index": index, "text": delta, "logprobs": None,
+            body = self._envelope("text_completion", [{"index": index, "text": delta, "logprobs": logprobs,
                                                        "finish_reason": finish_reason}])
         return f"data: {json.dumps(body)}\n\n"
 

@@ -16,8 +16,7 @@ from .errors import APIError
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-               "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
                "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
                "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,)}
@@ -58,6 +57,7 @@ class _Request(_Strict):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the chosen token's logprob and this many alternatives
 
 
 class ContentPart(_Strict):
@@ -93,6 +93,8 @@ class ChatMessage(_Strict):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives per token; needs logprobs
 
 
 class _NotJSON(ValueError):
@@ -198,6 +200,12 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     fields.update((k, v) for k, v in given.items() if v is not None)
     if req.stop is not None:
         fields["stop"] = req.stop
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        fields["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        fields["logprobs"] = req.logprobs
     if req.seed is not None:
         if not SEED_MIN <= req.seed <= SEED_MAX - (req.n - 1):
             raise APIError(400, f"seed must be an integer from {SEED_MIN} to {SEED_MAX - (req.n - 1)} "
@@ -210,5 +218,7 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
         field = m[1] if m else None
         if field == "max_tokens" and isinstance(req, ChatRequest) and req.max_tokens is None:
             field = "max_completion_tokens"  # the name the client sent
+        if field == "logprobs" and isinstance(req, ChatRequest):
+            field = "top_logprobs"
         raise APIError(400, f"{field} {m[2]}" if m else str(e), field) from None
     return params

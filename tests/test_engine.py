@@ -1,4 +1,5 @@
 """The engine core: batch independence, parity, early stop, streaming, budgets, stats and failures."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,35 @@ def test_bad_requests_name_what_is_wrong(llada_dir):
         with pytest.raises(ValueError, match=match):
             core.add_request(prompt, params)
     assert not core.has_unfinished()
+
+
+def test_logprobs_are_those_of_the_forward_that_committed_each_token(llada_dir):
+    """Two steps per block commit four tokens each from one forward: each token's logprob and alternatives are
+    that forward's log-softmax at its position (float64), and an EOS cut cuts the logprobs with the tokens."""
+    model = load_model(llada_dir)
+    prompt, params = [5, 6, 7], SamplingParams(max_tokens=16, block_length=8, steps=4, logprobs=3, ignore_eos=True)
+    out = alone(model, prompt, params)
+    assert [t.token_id for t in out.logprobs] == out.token_ids
+    x = torch.tensor([prompt + [MASK] * 16])
+    committed = 0
+    while committed < 16:
+        lp = torch.log_softmax(model(x)[0].double(), -1)
+        block = committed // 8
+        masked = [i for i in range(block * 8, block * 8 + 8) if x[0, 3 + i] == MASK]
+        conf = {i: lp[3 + i].max().item() for i in masked}
+        now = sorted(masked, key=lambda i: -conf[i])[:4]
+        for i in now:
+            t = out.logprobs[i]
+            assert t.token_id == lp[3 + i].argmax().item()
+            torch.testing.assert_close(t.logprob, lp[3 + i, t.token_id].item(), rtol=1e-6, atol=1e-6)
+            top = lp[3 + i].topk(3)
+            assert [j for j, _ in t.top] == top.indices.tolist()
+            torch.testing.assert_close([v for _, v in t.top], top.values.tolist(), rtol=1e-6, atol=1e-6)
+            x[0, 3 + i] = t.token_id
+        committed += len(now)
+    eos = out.token_ids[5]
+    cut = alone(model, prompt, dataclasses.replace(params, ignore_eos=False), eos=frozenset({eos}))
+    assert [t.token_id for t in cut.logprobs] == cut.token_ids == out.token_ids[: out.token_ids.index(eos)]
 
 
 def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):

@@ -210,7 +210,8 @@ def test_chat_uses_the_template(llada):
                                          ("remasking", "best"), ("threshold", 1.5), ("cache", "paged"),
                                          ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True),
                                          ("seed", 2**64), ("seed", -2**63 - 1), ("temperature", float("inf")),
-                                         ("top_p", float("nan")), ("cfg_scale", float("inf"))])
+                                         ("top_p", float("nan")), ("cfg_scale", float("inf")), ("logprobs", 21),
+                                         ("logprobs", -1), ("logprobs", True)])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})

@@ -104,6 +104,37 @@ def test_chat_stream_concatenates_to_the_plain_answer(client, llm):
     assert plain.usage.prompt_tokens == len(chat_prompt(llm.tokenizer, messages))
 
 
+def test_logprobs_are_the_engines_and_their_tokens_spell_the_answer(client, llm):
+    """Chat (plain and streamed) and completions: one entry per generated token, with the engine's values; the
+    tokens' texts concatenate to the answer, and greedy decoding takes the most likely token."""
+    messages = [{"role": "user", "content": "Who is there?"}]
+    extra = {"block_length": 16, "cache": "dual"}
+    kw = dict(model=MODEL, messages=messages, max_tokens=32, logprobs=True, top_logprobs=3, extra_body=extra)
+    plain = client.chat.completions.create(**kw)
+    ref = llm.chat(messages, SamplingParams(max_tokens=32, block_length=16, cache="dual", logprobs=3))[0]
+    content = plain.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids) == plain.usage.completion_tokens
+    assert [e.logprob for e in content] == [t.logprob for t in ref.logprobs]
+    assert [[x.logprob for x in e.top_logprobs] for e in content] == [[lp for _, lp in t.top] for t in ref.logprobs]
+    assert "".join(e.token for e in content) == plain.choices[0].message.content
+    assert all(e.token == e.top_logprobs[0].token and bytes(e.bytes) == e.token.encode() for e in content)
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    streamed = [e for c in chunks for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    out = client.completions.create(model=MODEL, prompt="HAMLET.\nTo be, or not", max_tokens=16, logprobs=0,
+                                    extra_body={"block_length": 16})
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.token_logprobs) == out.usage.completion_tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.top_logprobs == [{}] * len(lp.tokens)
+    without = client.completions.create(model=MODEL, prompt="HAMLET.\n", max_tokens=8)
+    assert without.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs set to true"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be null or an integer in \[0, 20\]"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=21)
+
+
 def test_steps_is_ignored_with_a_threshold(client, llm):
     """Fewer steps than blocks failed in the engine thread when a threshold was set, and the request hung."""
     out = client.with_options(timeout=60).completions.create(
@@ -147,7 +178,8 @@ def test_models_health_and_metrics(server, client):
     (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 100000}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "a", "n": 1000}).encode(), 400, "n"),
     (json.dumps({"model": MODEL, "prompt": "a", "remasking": "best"}).encode(), 400, "remasking"),
-    (json.dumps({"model": MODEL, "prompt": "a", "logprobs": 3}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logprobs": True}).encode(), 422, "logprobs"),
     (json.dumps({"model": MODEL, "prompt": [5, 99999]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": []}).encode(), 400, "prompt"),
     # Seeds beyond torch's 64-bit range failed inside the engine thread: the request hung (or, with n > 1, the
