@@ -48,6 +48,9 @@ class SamplingParams:
     alg_temp:     Dream: above 0, positions are sampled from softmax(confidence / alg_temp) instead of top-k.
     schedule:     linear (LLaDA: even split per block) or timestep (Dream: 1 - s/t of the remaining masks);
                   default: the model family's own.
+    presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: a token's logits are lowered by presence_penalty if
+                  this request has generated it, and by frequency_penalty times the number of times (counted over
+                  the tokens committed so far, the prompt excluded).
     logprobs:     return each generated token's log-probability, and this many of the most likely tokens
                   (0 to 20), from the distribution at the step that committed it: the model's (after CFG),
                   before temperature and top_p. None: no logprobs.
@@ -67,6 +70,8 @@ class SamplingParams:
     ignore_eos: bool = False
     alg_temp: float = 0.0
     schedule: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -98,5 +103,7 @@ class SamplingParams:
         check("ignore_eos", type(self.ignore_eos) is bool, "true or false")
         check("alg_temp", _is_num(self.alg_temp) and self.alg_temp >= 0, "a number >= 0")
         check("schedule", self.schedule is None or self.schedule in SCHEDULES, f"null or one of {list(SCHEDULES)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(name, _is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, "a number in [-2, 2]")
         check("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"null or an integer in [0, {MAX_LOGPROBS}]")

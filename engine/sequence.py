@@ -114,7 +114,10 @@ class Sequence:
         else:
             logits = logits[0]
         p = self.params
-        x0, conf = propose(logits[self.masked], p.temperature, p.top_p, p.remasking, self.gen)
+        masked_logits = logits[self.masked]
+        if p.presence_penalty or p.frequency_penalty:
+            masked_logits = self._penalize(masked_logits)
+        x0, conf = propose(masked_logits, p.temperature, p.top_p, p.remasking, self.gen)
         if p.remasking == "origin" and p.threshold is None:
             ratio = commit_probability(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
             chosen = (torch.rand(self.masked.shape, device=x0.device, generator=self.gen) < ratio).nonzero()[:, 0]
@@ -125,6 +128,13 @@ class Sequence:
             self._record_logprobs(logits[self.masked[chosen]], x0[chosen], self.start + self.masked[chosen])
         self.refresh, self.step = False, self.step + 1
         return self._settle()
+
+    def _penalize(self, logits: Tensor) -> Tensor:
+        """OpenAI's presence and frequency penalties, over the tokens this request has committed so far."""
+        generated = self.x[self.prompt_len:]
+        counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1]).double()
+        p = self.params
+        return logits.double() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
 
     def _record_logprobs(self, logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
         """The committed tokens' log-probabilities, and the most likely tokens, in float64 as `propose` scores."""

@@ -16,8 +16,8 @@ from .errors import APIError
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
-UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-               "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
+UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+               "tools": (None, []), "functions": (None, []),
                "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
                "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,)}
 # Fields whose type is a union: pydantic reports one error per member, tagged 'str', 'list[int]', ...; the
@@ -40,6 +40,8 @@ class _Request(_Strict):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -195,7 +197,8 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     fields = dict(defaults)
     max_tokens = req.max_completion_tokens if isinstance(req, ChatRequest) and req.max_tokens is None \
         else req.max_tokens
-    given = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p}
+    given = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
     given.update((f, getattr(req, f)) for f in DIFFUSION_FIELDS)
     fields.update((k, v) for k, v in given.items() if v is not None)
     if req.stop is not None:

@@ -187,6 +187,26 @@ def test_logprobs_are_those_of_the_forward_that_committed_each_token(llada_dir):
     assert [t.token_id for t in cut.logprobs] == cut.token_ids == out.token_ids[: out.token_ids.index(eos)]
 
 
+def test_penalties_lower_the_logits_of_tokens_already_generated(llada_dir):
+    """Greedy, one token per step: each step commits the most confident masked position of the penalized
+    distribution, whose logits drop by frequency x count + presence for each token generated so far."""
+    model = load_model(llada_dir)
+    prompt = [5, 6, 7]
+    params = SamplingParams(max_tokens=8, steps=8, block_length=8, presence_penalty=0.5, frequency_penalty=1.5,
+                            ignore_eos=True)
+    x = torch.tensor(prompt + [MASK] * 8)
+    for _ in range(8):
+        logits = model(x[None])[0, 3:].double()
+        counts = torch.bincount(x[3:][x[3:] != MASK], minlength=logits.shape[-1]).double()
+        conf, token = (logits - 1.5 * counts - 0.5 * (counts > 0).double()).softmax(-1).max(-1)
+        i = conf.masked_fill(x[3:] != MASK, -1).argmax()
+        x[3 + i] = token[i]
+    out = alone(model, prompt, params)
+    assert out.token_ids == x[3:].tolist()
+    assert out.token_ids != alone(model, prompt, dataclasses.replace(params, presence_penalty=0.0,
+                                                                   frequency_penalty=0.0)).token_ids
+
+
 def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
     """Ten pages shared by four slots: a long request takes nine, the requests behind it wait for pages (not
     slots), and every request gives the tokens it gives alone. One row per slot would have held 40 positions."""

@@ -211,7 +211,8 @@ def test_chat_uses_the_template(llada):
                                          ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True),
                                          ("seed", 2**64), ("seed", -2**63 - 1), ("temperature", float("inf")),
                                          ("top_p", float("nan")), ("cfg_scale", float("inf")), ("logprobs", 21),
-                                         ("logprobs", -1), ("logprobs", True)])
+                                         ("logprobs", -1), ("logprobs", True), ("presence_penalty", 2.5),
+                                         ("frequency_penalty", float("nan"))])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
