@@ -51,6 +51,8 @@ class SamplingParams:
     presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: a token's logits are lowered by presence_penalty if
                   this request has generated it, and by frequency_penalty times the number of times (counted over
                   the tokens committed so far, the prompt excluded).
+    logit_bias:   OpenAI's: {token id: bias in [-100, 100]} added to those tokens' logits at every step
+                  (stored as sorted (id, bias) pairs).
     logprobs:     return each generated token's log-probability, and this many of the most likely tokens
                   (0 to 20), from the distribution at the step that committed it: the model's (after CFG),
                   before temperature and top_p. None: no logprobs.
@@ -72,6 +74,7 @@ class SamplingParams:
     schedule: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -105,5 +108,11 @@ class SamplingParams:
         check("schedule", self.schedule is None or self.schedule in SCHEDULES, f"null or one of {list(SCHEDULES)}")
         for name in ("presence_penalty", "frequency_penalty"):
             check(name, _is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, "a number in [-2, 2]")
+        bias = list(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias_ok = isinstance(bias, (tuple, list)) and all(
+            isinstance(b, (tuple, list)) and len(b) == 2 and _is_int(b[0]) and b[0] >= 0 and _is_num(b[1])
+            and -100 <= b[1] <= 100 for b in bias)
+        check("logit_bias", bias_ok, "a map of token ids to numbers in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(i), float(b)) for i, b in bias)))
         check("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"null or an integer in [0, {MAX_LOGPROBS}]")

@@ -133,6 +133,9 @@ class EngineCore:
             raise ValueError("a prompt must hold at least one token")
         if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab for t in prompt):
             raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise ValueError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
+                             f"{params.logit_bias[-1][0]}")
         block, n_blocks = block_layout(params)
         rows, length = footprint(len(prompt), params)
         if length > self.max_model_len:

@@ -115,8 +115,8 @@ class Sequence:
             logits = logits[0]
         p = self.params
         masked_logits = logits[self.masked]
-        if p.presence_penalty or p.frequency_penalty:
-            masked_logits = self._penalize(masked_logits)
+        if p.presence_penalty or p.frequency_penalty or p.logit_bias:
+            masked_logits = self._adjust(masked_logits)
         x0, conf = propose(masked_logits, p.temperature, p.top_p, p.remasking, self.gen)
         if p.remasking == "origin" and p.threshold is None:
             ratio = commit_probability(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
@@ -129,12 +129,18 @@ class Sequence:
         self.refresh, self.step = False, self.step + 1
         return self._settle()
 
-    def _penalize(self, logits: Tensor) -> Tensor:
-        """OpenAI's presence and frequency penalties, over the tokens this request has committed so far."""
-        generated = self.x[self.prompt_len:]
-        counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1]).double()
-        p = self.params
-        return logits.double() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
+    def _adjust(self, logits: Tensor) -> Tensor:
+        """OpenAI's presence and frequency penalties, over the tokens this request has committed so far, and its
+        logit bias, in float64 as `propose` works."""
+        p, logits = self.params, logits.double()
+        if p.presence_penalty or p.frequency_penalty:
+            generated = self.x[self.prompt_len:]
+            counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1]).double()
+            logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            logits[:, list(ids)] += torch.tensor(bias, dtype=torch.float64, device=logits.device)
+        return logits
 
     def _record_logprobs(self, logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
         """The committed tokens' log-probabilities, and the most likely tokens, in float64 as `propose` scores."""

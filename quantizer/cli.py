@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> Path:
         "calibration": {"source": str(calib), "sha256": sha256_file(calib), "nsamples": args.nsamples,
                         "seqlen": seqlen, "seed": args.seed, "mcs": mcs,
                         "mcs_prefix_ratio": prefix_ratio if mcs else None},
-        "generation": {k: v for k, v in asdict(SamplingParams()).items() if v is not None and k != "stop"},
+        "generation": {k: v for k, v in asdict(SamplingParams()).items()  # the sampler's defaults for this model
+                       if v is not None and k not in ("stop", "logit_bias")},
     }
     writer = ArtifactWriter(args.out, header, cfg.n_layers, args.resume)
     ids = mcs_batch(windows, cfg.mask_token_id, prefix_ratio, args.seed, enabled=mcs)

@@ -295,7 +295,7 @@ def submit_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e))
     message = str(e).removeprefix("SamplingParams.")
     param = ("max_tokens" if "context" in message else ("messages" if chat else "prompt") if "prompt" in message
-             else "cfg_scale" if "cfg_scale" in message else "steps" if "steps" in message else None)
+             else next((f for f in ("cfg_scale", "steps", "logit_bias") if f in message), None))
     return APIError(400, message, param)
 
 

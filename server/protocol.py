@@ -16,10 +16,10 @@ from .errors import APIError
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
-UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
-               "tools": (None, []), "functions": (None, []),
-               "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
-               "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,)}
+UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+               "functions": (None, []), "response_format": (None, {"type": "text"}),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+               "modalities": (None, ["text"]), "audio": (None,)}
 # Fields whose type is a union: pydantic reports one error per member, tagged 'str', 'list[int]', ...; the
 # client needs the field and what it accepts.
 UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
@@ -42,6 +42,7 @@ class _Request(_Strict):
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token ids as strings, as JSON keys are
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -203,6 +204,10 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     fields.update((k, v) for k, v in given.items() if v is not None)
     if req.stop is not None:
         fields["stop"] = req.stop
+    if req.logit_bias is not None:
+        if not all(k.isascii() and k.isdigit() for k in req.logit_bias):
+            raise APIError(400, "logit_bias keys must be token ids, such as \"50256\"", "logit_bias")
+        fields["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
     if isinstance(req, ChatRequest):
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")

@@ -206,13 +206,25 @@ def test_chat_uses_the_template(llada):
     assert out.prompt_token_ids[:1] == [121] and out.prompt_token_ids[-3:] == [121, 123, 120]  # header, unk, end
 
 
+def test_logit_bias_bans_and_forces_tokens(llada):
+    base = llada.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    banned = base.token_ids[0]
+    out = llada.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True, logit_bias={banned: -100}))[0]
+    assert banned in base.token_ids and banned not in out.token_ids
+    forced = llada.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True, logit_bias={7: 100, 9: 0.5}))[0]
+    assert forced.token_ids == [7] * 8
+    with pytest.raises(ValueError, match=r"logit_bias must name token ids in \[0, 128\), got 500"):
+        llada.generate(PROMPT, SamplingParams(logit_bias={5: 1, 500: 1}))
+
+
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("steps", 0), ("temperature", -1), ("top_p", 0),
                                          ("remasking", "best"), ("threshold", 1.5), ("cache", "paged"),
                                          ("stop", [""]), ("schedule", "cosine"), ("max_tokens", True),
                                          ("seed", 2**64), ("seed", -2**63 - 1), ("temperature", float("inf")),
                                          ("top_p", float("nan")), ("cfg_scale", float("inf")), ("logprobs", 21),
                                          ("logprobs", -1), ("logprobs", True), ("presence_penalty", 2.5),
-                                         ("frequency_penalty", float("nan"))])
+                                         ("frequency_penalty", float("nan")), ("logit_bias", {5: 101}),
+                                         ("logit_bias", {"5": 1}), ("logit_bias", {-1: 0})])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})

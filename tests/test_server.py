@@ -135,12 +135,18 @@ def test_logprobs_are_the_engines_and_their_tokens_spell_the_answer(client, llm)
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=21)
 
 
-def test_penalties_are_the_engines(client, llm):
+def test_penalties_and_logit_bias_are_the_engines(client, llm):
     kw = dict(max_tokens=24, block_length=8, presence_penalty=0.5, frequency_penalty=1)
     out = client.completions.create(model=MODEL, prompt="KING.\n", max_tokens=24, presence_penalty=0.5,
                                     frequency_penalty=1, extra_body={"block_length": 8})
     assert out.choices[0].text == llm.generate("KING.\n", SamplingParams(**kw))[0].text
-    assert out.choices[0].text != llm.generate("KING.\n", SamplingParams(max_tokens=24, block_length=8))[0].text
+    plain = llm.generate("KING.\n", SamplingParams(max_tokens=24, block_length=8))[0]
+    assert out.choices[0].text != plain.text
+    banned = plain.token_ids[0]
+    out = client.completions.create(model=MODEL, prompt="KING.\n", max_tokens=24, logit_bias={str(banned): -100},
+                                    extra_body={"block_length": 8})
+    ref = llm.generate("KING.\n", SamplingParams(max_tokens=24, block_length=8, logit_bias={banned: -100}))[0]
+    assert out.choices[0].text == ref.text and banned not in ref.token_ids
 
 
 def test_steps_is_ignored_with_a_threshold(client, llm):
@@ -188,6 +194,9 @@ def test_models_health_and_metrics(server, client):
     (json.dumps({"model": MODEL, "prompt": "a", "remasking": "best"}).encode(), 400, "remasking"),
     (json.dumps({"model": MODEL, "prompt": "a", "logprobs": 21}).encode(), 400, "logprobs"),
     (json.dumps({"model": MODEL, "prompt": "a", "presence_penalty": -3}).encode(), 400, "presence_penalty"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logit_bias": {"x": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logit_bias": {"5": 101}}).encode(), 400, "logit_bias"),
+    (json.dumps({"model": MODEL, "prompt": "a", "logit_bias": {"99999": 1}}).encode(), 400, "logit_bias"),
     (json.dumps({"model": MODEL, "prompt": "a", "logprobs": True}).encode(), 422, "logprobs"),
     (json.dumps({"model": MODEL, "prompt": [5, 99999]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": []}).encode(), 400, "prompt"),
