@@ -89,10 +89,11 @@ class AsyncEngine:
         """Requests accepted but not yet running."""
         return len(self._inbox) + len(self.core.waiting)
 
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Queue a request from the event loop. Raises ValueError for a request the engine can never run,
-        QueueFullError when the queue is at its bound, EngineError when shutting down."""
-        self.core.check(prompt, params)
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+               suffix: list[int] | None = None) -> RequestStream:
+        """Queue a request from the event loop (with a `suffix`, an infill). Raises ValueError for a request the
+        engine can never run, QueueFullError when the queue is at its bound, EngineError when shutting down."""
+        self.core.check(prompt, params, suffix)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(self, request_id)
         with self._lock:
@@ -103,7 +104,7 @@ class AsyncEngine:
             if self.queue_depth >= self.max_queue:
                 raise QueueFullError(f"the engine queue is full ({self.max_queue} requests waiting); retry later")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-            self._inbox.append((request_id, list(prompt), params, RequestStats()))
+            self._inbox.append((request_id, list(prompt), params, RequestStats(), suffix))
         self._wake.set()
         return stream
 
@@ -126,8 +127,8 @@ class AsyncEngine:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 stopping = self._stopping
-            for request_id, prompt, params, stats in inbox:
-                self.core.add_request(prompt, params, request_id, stats)
+            for request_id, prompt, params, stats, suffix in inbox:
+                self.core.add_request(prompt, params, request_id, stats, suffix)
             for request_id in aborts:
                 self.core.abort_request(request_id)
             if stopping:

@@ -34,11 +34,15 @@ class LLM:
                                  cuda_graphs=cuda_graphs, kv_cache_memory=kv_cache_memory)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One output per prompt; a prompt is a string or a list of token ids."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 suffix: Prompt | None = None) -> list[RequestOutput]:
+        """One output per prompt; a prompt is a string or a list of token ids. With a `suffix` (the same kinds),
+        each output fills in the text between its prompt and the suffix."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(type(t) is int for t in prompts)):
             prompts = [prompts]
-        return self._run_all([self._encode(p) for p in prompts], params)
+        if isinstance(suffix, str):
+            suffix = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return self._run_all([self._encode(p) for p in prompts], params, suffix)
 
     def chat(self, conversations: list[dict[str, str]] | Sequence[list[dict[str, str]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -50,15 +54,15 @@ class LLM:
     def _encode(self, prompt: Prompt) -> list[int]:
         return self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
 
-    def _run_all(self, prompts: list[list[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+    def _run_all(self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None,
+                 suffix: list[int] | None = None) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         for p, s in zip(prompts, params):  # refuse a bad request before any work starts
-            self.engine.check(p, s)
-        ids = [self.engine.add_request(p, s) for p, s in zip(prompts, params)]
+            self.engine.check(p, s, suffix)
+        ids = [self.engine.add_request(p, s, suffix=suffix) for p, s in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             final.update((o.request_id, o) for o in self.engine.step() if o.finished)

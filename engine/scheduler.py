@@ -52,6 +52,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     stats: RequestStats
+    suffix: list[int]
     seq: Sequence | None = None
     kv: list[Tensor] | None = None  # each row's flat K/V positions (kv_cache.py); empty without a cache
     sent_tokens: list[int] = field(default_factory=list)
@@ -126,21 +127,25 @@ class EngineCore:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check(self, prompt: list[int], params: SamplingParams, suffix: list[int] | None = None) -> None:
         """Raise ValueError, naming the field, for a request this engine can never run."""
         vocab = self.model.config.vocab_size
         if isinstance(prompt, list) and not prompt:
             raise ValueError("a prompt must hold at least one token")
         if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab for t in prompt):
             raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
+        suffix = [] if suffix is None else suffix
+        if not isinstance(suffix, list) or not all(type(t) is int and 0 <= t < vocab for t in suffix):
+            raise ValueError(f"a suffix must be a string or a list of token ids in [0, {vocab})")
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
                              f"{params.logit_bias[-1][0]}")
         block, n_blocks = block_layout(params)
-        rows, length = footprint(len(prompt), params)
+        rows, length = footprint(len(prompt), params, len(suffix))
         if length > self.max_model_len:
+            with_suffix = f" plus suffix ({len(suffix)} tokens)" if suffix else ""
             raise ValueError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
-                             f"up to whole blocks) exceeds {self.limit}")
+                             f"up to whole blocks){with_suffix} exceeds {self.limit}")
         if params.steps is not None and params.threshold is None and params.steps < n_blocks:
             raise ValueError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
                              f"({n_blocks})")
@@ -153,10 +158,11 @@ class EngineCore:
             raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                    stats: RequestStats | None = None) -> str:
-        self.check(prompt, params)
+                    stats: RequestStats | None = None, suffix: list[int] | None = None) -> str:
+        """Queue a request; with a `suffix`, the canvas is filled in between the prompt and it."""
+        self.check(prompt, params, suffix)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.waiting.append(_Request(request_id, list(prompt), params, stats or RequestStats()))
+        self.waiting.append(_Request(request_id, list(prompt), params, stats or RequestStats(), list(suffix or [])))
         self.stats.waiting = len(self.waiting)
         return request_id
 
@@ -233,13 +239,13 @@ class EngineCore:
         busy = sum(r.seq.rows * r.seq.length for r in self.running)
         while self.waiting:
             r = self.waiting[0]
-            rows, length = footprint(len(r.prompt), r.params)
+            rows, length = footprint(len(r.prompt), r.params, len(r.suffix))
             tokens = rows * length
             cached = r.params.cache != "none"
             if (rows > self.free_rows or (cached and not self.pool.can_allocate(rows * pages_for(length)))
                     or (self.running and busy + tokens > self.max_batch_tokens)):
                 break
-            r.seq = Sequence(r.prompt, r.params, self.model.config, self.device)  # if it raises, r is still queued
+            r.seq = Sequence(r.prompt, r.params, self.model.config, self.device, r.suffix)  # raising, r stays queued
             self.waiting.popleft()
             self.free_rows -= rows
             r.kv = self.pool.allocate(length, rows) if cached else []

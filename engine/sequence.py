@@ -29,11 +29,11 @@ def block_layout(params: SamplingParams) -> tuple[int, int]:
     return block, math.ceil(params.max_tokens / block)
 
 
-def footprint(prompt_len: int, params: SamplingParams) -> tuple[int, int]:
+def footprint(prompt_len: int, params: SamplingParams, suffix_len: int = 0) -> tuple[int, int]:
     """(rows, length): the canvas rows a request feeds per step (CFG adds an unconditional row), and the
-    tokens of each row, prompt plus canvas."""
+    tokens of each row: prompt, canvas, and the suffix an infill ends with."""
     block, n_blocks = block_layout(params)
-    return (2 if params.cfg_scale > 0 else 1), prompt_len + block * n_blocks
+    return (2 if params.cfg_scale > 0 else 1), prompt_len + block * n_blocks + suffix_len
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,21 @@ class Window:
 
 
 class Sequence:
-    def __init__(self, prompt: list[int], params: SamplingParams, cfg: ModelConfig, device: torch.device):
+    """The canvas lies between the prompt and an optional suffix: with one, the request fills in the middle,
+    which bidirectional attention lets a dLLM do directly."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, cfg: ModelConfig, device: torch.device,
+                 suffix: list[int] | None = None):
+        suffix = suffix or []
         self.params, self.prompt_len = params, len(prompt)
         self.mask = cfg.mask_token_id
         self.shift = int(cfg.shift_logits)  # Dream reads position i from hidden state i-1
         self.block, self.n_blocks = block_layout(params)
-        self.rows, self.length = footprint(self.prompt_len, params)  # CFG's second row masks the prompt
+        self.rows, self.length = footprint(self.prompt_len, params, len(suffix))
+        self.canvas_end = self.length - len(suffix)
         self.x = torch.full((self.length,), self.mask, dtype=torch.long, device=device)
         self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long, device=device)
+        self.x[self.canvas_end:] = torch.tensor(suffix, dtype=torch.long, device=device)
         self.logprob: Tensor | None = None  # per canvas position, and the alternatives (values, ids), when asked
         if params.logprobs is not None:
             self.logprob = torch.zeros(self.length, dtype=torch.float64, device=device)
@@ -90,12 +97,13 @@ class Sequence:
         return self.b == self.n_blocks - 1
 
     def inputs(self) -> Tensor:
-        """The canvas rows a forward feeds: [rows, length]; the unconditional row masks the prompt."""
+        """The canvas rows a forward feeds: [rows, length]; the unconditional row masks the prompt and suffix."""
         x = self.x[None]
         if self.rows == 1:
             return x
         uncond = x.clone()
         uncond[:, : self.prompt_len] = self.mask
+        uncond[:, self.canvas_end:] = self.mask
         return torch.cat([x, uncond])
 
     def window(self) -> Window:
@@ -134,7 +142,7 @@ class Sequence:
         logit bias, in float64 as `propose` works."""
         p, logits = self.params, logits.double()
         if p.presence_penalty or p.frequency_penalty:
-            generated = self.x[self.prompt_len:]
+            generated = self.x[self.prompt_len: self.canvas_end]
             counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1]).double()
             logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
         if p.logit_bias:

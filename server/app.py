@@ -104,9 +104,13 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         check_model(req.model)
         prompts = completion_prompts(req.prompt)
         check_choices(req.n, len(prompts))
+        if req.suffix:
+            check_length(len(req.suffix), "suffix")
         ids = await asyncio.to_thread(lambda: [tokenizer(p)["input_ids"] if isinstance(p, str) else p
                                                for p in prompts])  # off the event loop, which keeps serving
-        return await respond(request, req, ids, chat=False)
+        suffix = await asyncio.to_thread(lambda: tokenizer(req.suffix, add_special_tokens=False)["input_ids"]) \
+            if req.suffix else None
+        return await respond(request, req, ids, chat=False, suffix=suffix)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -174,14 +178,14 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         return prompt
 
     async def respond(request: Request, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
-                      chat: bool) -> Response:
+                      chat: bool, suffix: list[int] | None = None) -> Response:
         params = [sampling_params(req, config.defaults, i) for i in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = []
         try:
             for p, prompt in enumerate(prompts):
                 for i, sp in enumerate(params):
-                    streams.append(engine.submit(prompt, sp, request_id=f"{rid}-{p * req.n + i}"))
+                    streams.append(engine.submit(prompt, sp, request_id=f"{rid}-{p * req.n + i}", suffix=suffix))
         except (ValueError, QueueFullError, EngineError) as e:
             for s in streams:
                 s.cancel()
@@ -295,7 +299,7 @@ def submit_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e))
     message = str(e).removeprefix("SamplingParams.")
     param = ("max_tokens" if "context" in message else ("messages" if chat else "prompt") if "prompt" in message
-             else next((f for f in ("cfg_scale", "steps", "logit_bias") if f in message), None))
+             else next((f for f in ("suffix", "cfg_scale", "steps", "logit_bias") if f in message), None))
     return APIError(400, message, param)
 
 

@@ -16,7 +16,7 @@ from .errors import APIError
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
-UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "tools": (None, []),
                "functions": (None, []), "response_format": (None, {"type": "text"}),
                "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
                "modalities": (None, ["text"]), "audio": (None,)}
@@ -61,6 +61,7 @@ class _Request(_Strict):
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # the chosen token's logprob and this many alternatives
+    suffix: str | None = None  # text after the completion: the canvas is filled in between
 
 
 class ContentPart(_Strict):

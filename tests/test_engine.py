@@ -207,6 +207,36 @@ def test_penalties_lower_the_logits_of_tokens_already_generated(llada_dir):
                                                                    frequency_penalty=0.0)).token_ids
 
 
+def test_an_infill_denoises_the_canvas_between_prompt_and_suffix(llada_dir):
+    """Greedy, one token per step, without a cache: the reference loop over prompt + masks + suffix; the suffix
+    conditions the tokens, and infills batch with other requests as they run alone."""
+    model = load_model(llada_dir)
+    prompt, suffix = [5, 6, 7], [20, 21, 22, 23]
+    params = SamplingParams(max_tokens=8, steps=8, block_length=8, ignore_eos=True)
+    x = torch.tensor(prompt + [MASK] * 8 + suffix)
+    for _ in range(8):
+        conf, token = model(x[None])[0, 3:11].double().softmax(-1).max(-1)
+        i = conf.masked_fill(x[3:11] != MASK, -1).argmax()
+        x[3 + i] = token[i]
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8)
+    infills = [(params, core.add_request(prompt, params, suffix=suffix))]
+    for cache, cfg in (("prefix", 0.0), ("dual", 0.0), ("none", 1.5)):
+        p = dataclasses.replace(params, cache=cache, cfg_scale=cfg)
+        infills.append((p, core.add_request(prompt, p, suffix=suffix)))
+    others = [(p, s, core.add_request(p, s)) for p, s in REQUESTS[:3]]
+    outputs = drain(core)
+    assert outputs[infills[0][1]][-1].token_ids == x[3:11].tolist() != alone(model, prompt, params).token_ids
+    for p, rid in infills[1:]:
+        solo = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=2)
+        solo.add_request(prompt, p, request_id="solo", suffix=suffix)
+        assert outputs[rid][-1].token_ids == drain(solo)["solo"][-1].token_ids
+    assert all(outputs[rid][-1].token_ids == alone(model, p, s).token_ids for p, s, rid in others)
+    with pytest.raises(ValueError, match=r"plus suffix \(250 tokens\) exceeds the model's context of 256 tokens"):
+        core.add_request(prompt, params, suffix=[5] * 250)
+    with pytest.raises(ValueError, match=r"a suffix must be a string or a list of token ids in \[0, 128\)"):
+        core.add_request(prompt, params, suffix=[5, 500])
+
+
 def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
     """Ten pages shared by four slots: a long request takes nine, the requests behind it wait for pages (not
     slots), and every request gives the tokens it gives alone. One row per slot would have held 40 positions."""

@@ -149,6 +149,17 @@ def test_penalties_and_logit_bias_are_the_engines(client, llm):
     assert out.choices[0].text == ref.text and banned not in ref.token_ids
 
 
+def test_a_suffix_makes_an_infill(client, llm):
+    prompt, suffix = "HAMLET.\nTo be, or not to be,", " that is the question.\n"
+    out = client.completions.create(model=MODEL, prompt=prompt, suffix=suffix, max_tokens=16,
+                                    extra_body={"block_length": 16})
+    ref = llm.generate(prompt, SamplingParams(max_tokens=16, block_length=16), suffix=suffix)[0]
+    assert out.choices[0].text == ref.text and ref.text
+    assert ref.text != llm.generate(prompt, SamplingParams(max_tokens=16, block_length=16))[0].text
+    with pytest.raises(openai.BadRequestError, match="suffix holds 200000 characters"):
+        client.completions.create(model=MODEL, prompt=prompt, suffix="a" * 200000, max_tokens=16)
+
+
 def test_steps_is_ignored_with_a_threshold(client, llm):
     """Fewer steps than blocks failed in the engine thread when a threshold was set, and the request hung."""
     out = client.with_options(timeout=60).completions.create(
