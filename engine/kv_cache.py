@@ -99,8 +99,8 @@ class KVPool:
         self.free.sort()  # lowest pages first: deterministic, and the pool's low end stays in use
 
     def _resize(self, pages: int) -> None:
-        """Reallocate with `pages` pages, keeping the K/V of every page in use (new tensors: captured CUDA graphs
-        that hold the old ones must be dropped)."""
+        """Reallocate with `pages` pages, keeping what the old pages hold (new tensors: captured CUDA graphs that
+        hold the old ones must be dropped)."""
         shape = (self.cfg.n_layers, pages * PAGE + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
