@@ -104,13 +104,19 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         check_model(req.model)
         prompts = completion_prompts(req.prompt)
         check_choices(req.n, len(prompts))
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs asks for the prompt's logprobs, which a diffusion model does not "
+                                "compute", "echo")
         if req.suffix:
             check_length(len(req.suffix), "suffix")
         ids = await asyncio.to_thread(lambda: [tokenizer(p)["input_ids"] if isinstance(p, str) else p
                                                for p in prompts])  # off the event loop, which keeps serving
         suffix = await asyncio.to_thread(lambda: tokenizer(req.suffix, add_special_tokens=False)["input_ids"]) \
             if req.suffix else None
-        return await respond(request, req, ids, chat=False, suffix=suffix)
+        echo = None
+        if req.echo:  # each choice's text starts with its prompt's
+            echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts for _ in range(req.n)]
+        return await respond(request, req, ids, chat=False, suffix=suffix, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -178,7 +184,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         return prompt
 
     async def respond(request: Request, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
-                      chat: bool, suffix: list[int] | None = None) -> Response:
+                      chat: bool, suffix: list[int] | None = None, echo: list[str] | None = None) -> Response:
         params = [sampling_params(req, config.defaults, i) for i in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = []
@@ -190,7 +196,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
             for s in streams:
                 s.cancel()
             raise submit_error(e, chat) from None
-        meta = Meta(rid, config.model_name, chat, sum(len(p) for p in prompts), tokenizer)
+        meta = Meta(rid, config.model_name, chat, sum(len(p) for p in prompts), tokenizer, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(streams, meta, include_usage), media_type="text/event-stream",
@@ -228,9 +234,11 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         finals: list[RequestOutput | None] = [None] * len(streams)
         sent = [(0, 0)] * len(streams)  # per choice: tokens whose logprobs went out, and their text's length
         try:
-            if meta.chat:
-                for index in range(len(streams)):
+            for index in range(len(streams)):
+                if meta.chat:
                     yield meta.chunk(index, {"role": "assistant", "content": ""}, None)
+                elif meta.echo:
+                    yield meta.chunk(index, meta.echo[index], None)
             async for index, out in merged(streams):
                 if isinstance(out, Exception) or out.finish_reason == "abort":
                     message = str(out) if isinstance(out, Exception) else "the server is shutting down"
@@ -336,6 +344,7 @@ class Meta:
     chat: bool
     prompt_tokens: int  # each prompt counts once however many choices it has, as OpenAI counts it
     tokenizer: PreTrainedTokenizerBase
+    echo: list[str] | None = None  # completions: each choice's prompt text, which its text starts with
     created: int = field(default_factory=lambda: int(time.time()))
     start: float = field(default_factory=time.perf_counter)
 
@@ -368,7 +377,8 @@ class Meta:
                         "logprobs": self.logprobs(o)[0], "finish_reason": o.finish_reason}
                        for i, o in enumerate(finals)]
         else:
-            choices = [{"index": i, "text": o.text, "logprobs": self.logprobs(o)[0], "finish_reason": o.finish_reason}
+            choices = [{"index": i, "text": (self.echo[i] if self.echo else "") + o.text,
+                        "logprobs": self.logprobs(o)[0], "finish_reason": o.finish_reason}
                        for i, o in enumerate(finals)]
         return self._envelope(self.kind, choices) | {"usage": self.usage(finals)}
 

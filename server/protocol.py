@@ -16,10 +16,9 @@ from .errors import APIError
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
 DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
-UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "tools": (None, []),
-               "functions": (None, []), "response_format": (None, {"type": "text"}),
-               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-               "modalities": (None, ["text"]), "audio": (None,)}
+UNSUPPORTED = {"best_of": (None, 1), "tools": (None, []), "functions": (None, []),
+               "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
+               "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,)}
 # Fields whose type is a union: pydantic reports one error per member, tagged 'str', 'list[int]', ...; the
 # client needs the field and what it accepts.
 UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
@@ -62,6 +61,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # the chosen token's logprob and this many alternatives
     suffix: str | None = None  # text after the completion: the canvas is filled in between
+    echo: bool | None = None  # the text starts with the prompt's
 
 
 class ContentPart(_Strict):

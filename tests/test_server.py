@@ -160,6 +160,23 @@ def test_a_suffix_makes_an_infill(client, llm):
         client.completions.create(model=MODEL, prompt=prompt, suffix="a" * 200000, max_tokens=16)
 
 
+def test_echo_starts_each_text_with_its_prompt(client, llm):
+    kw = dict(model=MODEL, prompt=["KING.\n", "ROMEO.\n"], max_tokens=16, n=2, temperature=1.0, seed=3)
+    plain, echoed = client.completions.create(**kw), client.completions.create(**kw, echo=True)
+    heads = ["KING.\n", "KING.\n", "ROMEO.\n", "ROMEO.\n"]  # choice p * n + i belongs to prompt p
+    assert [c.text for c in echoed.choices] == [h + c.text for h, c in zip(heads, plain.choices)]
+    ids = llm.tokenizer("KING.\n")["input_ids"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, echo=True)
+    assert by_ids.choices[0].text.startswith(llm.tokenizer.decode(ids))
+    streamed = ["", "", "", ""]
+    for chunk in client.completions.create(**kw, echo=True, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in echoed.choices]
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs asks for the prompt's logprobs"):
+        client.completions.create(model=MODEL, prompt="KING.\n", max_tokens=8, echo=True, logprobs=1)
+
+
 def test_steps_is_ignored_with_a_threshold(client, llm):
     """Fewer steps than blocks failed in the engine thread when a threshold was set, and the request hung."""
     out = client.with_options(timeout=60).completions.create(
