@@ -114,8 +114,9 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         suffix = await asyncio.to_thread(lambda: tokenizer(req.suffix, add_special_tokens=False)["input_ids"]) \
             if req.suffix else None
         echo = None
-        if req.echo:  # each choice's text starts with its prompt's
-            echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts for _ in range(req.n)]
+        if req.echo:  # each choice's text starts with its prompt's; token ids are decoded off the event loop too
+            texts = await asyncio.to_thread(lambda: [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts])
+            echo = [t for t in texts for _ in range(req.n)]
         return await respond(request, req, ids, chat=False, suffix=suffix, echo=echo)
 
     @app.post("/v1/chat/completions")
