@@ -132,11 +132,10 @@ class EngineCore:
         vocab = self.model.config.vocab_size
         if isinstance(prompt, list) and not prompt:
             raise ValueError("a prompt must hold at least one token")
-        if not isinstance(prompt, list) or not all(type(t) is int and 0 <= t < vocab for t in prompt):
-            raise ValueError(f"a prompt must be a string or a list of token ids in [0, {vocab})")
         suffix = [] if suffix is None else suffix
-        if not isinstance(suffix, list) or not all(type(t) is int and 0 <= t < vocab for t in suffix):
-            raise ValueError(f"a suffix must be a string or a list of token ids in [0, {vocab})")
+        for name, ids in (("prompt", prompt), ("suffix", suffix)):
+            if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+                raise ValueError(f"a {name} must be a string or a list of token ids in [0, {vocab})")
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
                              f"{params.logit_bias[-1][0]}")
