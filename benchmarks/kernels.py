@@ -35,7 +35,8 @@ SHAPES = {  # (N out, K in) of every distinct decoder linear
               "down 3584x18944": (3584, 18944)},
 }
 GEMV_MAX_M = 256  # the split-K launch is not timed above this (one program covers at most 64 rows)
-KERNELS = ("gemv", "gemv_per_plane", "tile", "tile_per_plane", "dense")  # dense: dequantize kernel + matmul
+FMA_MAX_M = 8  # nor its FMA variant above this (one program covers at most 2 rows)
+KERNELS = ("gemv", "gemv_per_plane", "gemv_fma", "tile", "tile_per_plane", "dense")  # dense: dequantize + matmul
 
 
 def timed(fn, repeats: int) -> dict:
@@ -58,11 +59,13 @@ def measure(w, dense_t: torch.Tensor, ref: torch.Tensor, m: int, repeats: int, l
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     runs = {"torch_bf16": (lambda: torch.matmul(x, dense_t), None), "dispatch": (lambda: bcq_linear(x, w), None),
             "tile": (lambda: bcq.bcq_tile(x, w), bcq._tile_kernel),
-            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, per_plane=True), bcq._tile_kernel),
+            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, "per_plane"), bcq._tile_kernel),
             "dense": (lambda: bcq.bcq_dense(x, w), None)}
     if m <= GEMV_MAX_M:
         runs |= {"gemv": (lambda: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
-                 "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, per_plane=True), bcq._gemv_kernel)}
+                 "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, "per_plane"), bcq._gemv_kernel)}
+    if m <= FMA_MAX_M:
+        runs["gemv_fma"] = (lambda: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
     times, tiles, errors = {}, {}, {}
     y_ref = x.float() @ ref.T
     for name, (fn, autotuner) in runs.items():
@@ -108,6 +111,7 @@ def suggest(rows: list[dict], ms: list[int]) -> dict:
     dense_min_m = min(dense_from) if dense_from else 2 * max(ms)
     kernel_ms = [m for m in ms if m < dense_min_m]
     return {"best_path_per_M": best,
+            "fma_max_m": max((m for m in kernel_ms if best[m] == "gemv_fma"), default=0),
             "gemv_max_m": max((m for m in kernel_ms if best[m].startswith("gemv")), default=0),
             "plane_dot_max_m": max((m for m in kernel_ms if best[m].endswith("per_plane")), default=0),
             "dense_min_m": dense_min_m}

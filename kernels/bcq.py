@@ -1,13 +1,19 @@
 """Triton BCQ GEMM: Y[M, N] = X[M, K] · Ŵᵀ read straight from the packed planes, fp32 accumulation.
 
 The kernel walks K one packed word (32 columns) at a time, so the unpacked [32, BLOCK_N] sign tile stays
-in registers, and reads each block's planes through plane_ptr, so mixed orders cost no padding. Two
-variants, selected by PER_PLANE:
-- per plane: scale the X tile by alpha_c, dot with the ±1 plane, scale by alpha_r (one dot per plane);
-- dequantized: build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs).
+in registers, and reads each block's planes through plane_ptr, so mixed orders cost no padding. Three
+variants, selected by VARIANT:
+- "per_plane": scale the X tile by alpha_c, dot with the ±1 plane, scale by alpha_r (one dot per plane);
+- "dequant": build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs);
+- "fma": build the same tile, then multiply-add it into a [BLOCK_M, 32, BLOCK_N] fp32 accumulator in its
+  own register layout, summed over the 32 columns once at the end. No tensor cores: a dot needs at least
+  16 rows and a round trip of the tile through shared memory per step, which for one or two rows of x
+  may cost more than the multiply itself. It is the dequantize kernel's work with the store replaced by
+  an FMA, and that kernel unpacked a 4096x4096 weight in about 14 µs on an H100, writes included.
 Two launches: `bcq_gemv`, split-K for small and middle M (each program sums K_BLOCKS K-blocks, down to
 one, and fp32 atomics reduce them, since a grid over N alone is too small to fill the GPU: on an H100 the
-tuner always took the finest split it was offered), and `bcq_tile`, one program along K, for larger M.
+tuner always took the finest split it was offered), with tiles of its own for "fma", and `bcq_tile`, one
+program along K, for larger M.
 For large M, `bcq_dense` writes Ŵᵀ once with a dequantize kernel that shares the tile's unpacking, then
 multiplies with torch.matmul. Which path and variant win at which M is
 measured per GPU by benchmarks/kernels.py.
@@ -32,7 +38,11 @@ from triton.testing import do_bench
 from .pack import BCQWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+VARIANTS = ("dequant", "per_plane", "fma")
 SPLIT_BLOCK_M = (16, 32, 64)  # the split-K launch's M tiles; 16 is the smallest tl.dot a GPU accepts
+# The FMA variant's M tiles. Compiled for sm_90, 1 and 2 rows keep the whole step in registers; from 4 rows
+# Triton 3.9 moves x through shared memory, with two barriers, at every 32-column step.
+FMA_BLOCK_M = (1, 2)
 DEQUANT_BLOCK_N = 64  # the dequantize kernel is bound by its writes; rows of 64 fp16 are 128-byte stores
 
 
@@ -62,7 +72,7 @@ def _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G:
 @triton.jit
 def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
                 M, N, NB, stride_xm, M_BUCKET,
-                G: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PLANE: tl.constexpr, UPCAST: tl.constexpr,
+                G: tl.constexpr, HAS_BIAS: tl.constexpr, VARIANT: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_BLOCKS: tl.constexpr):
     # M_BUCKET is only an autotuning key: one tuning per power-of-two bucket of M, not per M.
     # K_BLOCKS: the K-blocks one program sums, atomically added into fp32 y; 0: all of them, stored in y's dtype.
@@ -76,7 +86,10 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
     n_ok = rn < N
     # The interpreter computes bf16 dots and sums wrongly, so it upcasts; a GPU dots in the activation dtype.
     dot_ty = tl.float32 if UPCAST else x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if VARIANT == "fma":
+        acc = tl.zeros((BLOCK_M, 32, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if K_BLOCKS == 0:
         b_lo = 0
         b_hi = NB
@@ -89,7 +102,7 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
         for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + c * 32 + rj)[None, :], mask=m_ok[:, None],
                         other=0.0)
-            if PER_PLANE:
+            if VARIANT == "per_plane":
                 for p in range(p_lo, p_hi):
                     plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
                     signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
@@ -97,7 +110,12 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
                     acc += tl.dot(xs, signs) * ar[None, :]
             else:
                 w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
-                acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+                if VARIANT == "fma":
+                    acc += x.to(tl.float32)[:, :, None] * w[None, :, :]
+                else:
+                    acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+    if VARIANT == "fma":
+        acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_k == 0:  # added once, by the first K-split
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -125,23 +143,29 @@ def _dequant_kernel(planes_ptr, ar_ptr, ac_ptr, pp_ptr, wt_ptr, N, G: tl.constex
                  mask=n_ok[None, :])
 
 
-def _configs(gemv: bool) -> list[triton.Config]:
+def _configs(launch: str) -> list[triton.Config]:
+    """The tiles each launch autotunes over: "gemv" (split-K, tensor cores), "fma" (split-K, FMA) or "tile"."""
     if INTERPRET:  # small tiles keep the interpreter fast; one K-block per program exercises the atomics
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "K_BLOCKS": 1 if gemv else 0}, num_warps=4)]
-    if gemv:  # down to one K-block per program: the H100 tuner took the finest split of the first grid (8 splits)
+        bm = FMA_BLOCK_M[-1] if launch == "fma" else 16
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "K_BLOCKS": 0 if launch == "tile" else 1}, num_warps=4)]
+    if launch == "gemv":  # down to one K-block per program: the H100 tuner took the finest split it was offered
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": kb}, num_warps=w)
                 for bm in SPLIT_BLOCK_M for bn in (32, 64, 128) for kb in (1, 2, 4, 8) for w in (4, 8)
                 if bm * bn <= 4096]
+    if launch == "fma":  # the accumulator holds BLOCK_M x 32 x BLOCK_N fp32: at most 128 registers a thread
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": kb}, num_warps=4)
+                for bm in FMA_BLOCK_M for bn in (64, 128, 256) for kb in (1, 2) if bm * bn <= 512]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": 0}, num_warps=w)
             for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
             if bm * bn <= 8192]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Time only tiles that M needs: the tile launch skips tiles taller than M; the split-K launch takes the one
-    M tile that covers M (up to 64) and no more K-blocks per program than there are."""
+    """Time only tiles that M needs: the tile launch skips tiles taller than M; a split-K launch takes the one
+    M tile of its set that covers M (or its tallest) and no more K-blocks per program than there are."""
     m, nb = named_args["M_BUCKET"], named_args["NB"]
-    split_m = min(max(m, SPLIT_BLOCK_M[0]), SPLIT_BLOCK_M[-1])
+    split = sorted({c.kwargs["BLOCK_M"] for c in configs if c.kwargs["K_BLOCKS"]})
+    split_m = next((t for t in split if t >= m), split[-1]) if split else 0
     kept = [c for c in configs if (c.kwargs["K_BLOCKS"] == 0 and c.kwargs["BLOCK_M"] <= max(16, m))
             or (0 < c.kwargs["K_BLOCKS"] <= nb and c.kwargs["BLOCK_M"] == split_m)]
     return kept or configs[:1]
@@ -150,14 +174,15 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 def _autotune(configs: list[triton.Config], **extra) -> triton.runtime.Autotuner:
     # Short timings and the disk cache need an autotune that takes `do_bench` and `cache_results`
     # (Triton 3.6 does); an older Triton tunes with its defaults.
-    tune = dict(key=["M_BUCKET", "N", "NB", "G", "PER_PLANE"], prune_configs_by={"early_config_prune": _prune},
+    tune = dict(key=["M_BUCKET", "N", "NB", "G", "VARIANT"], prune_configs_by={"early_config_prune": _prune},
                 do_bench=functools.partial(do_bench, warmup=5, rep=25), cache_results=True, **extra)
     accepted = inspect.signature(triton.autotune).parameters
     return triton.autotune(configs, **{k: v for k, v in tune.items() if k in accepted})(_bcq_kernel)
 
 
-_gemv_kernel = _autotune(_configs(gemv=True), reset_to_zero=["y_ptr"])
-_tile_kernel = _autotune(_configs(gemv=False))
+_gemv_kernel = _autotune(_configs("gemv"), reset_to_zero=["y_ptr"])
+_fma_kernel = _autotune(_configs("fma"), reset_to_zero=["y_ptr"])
+_tile_kernel = _autotune(_configs("tile"))
 
 
 def _check(x: Tensor, w: BCQWeight) -> Tensor:
@@ -170,7 +195,7 @@ def _check(x: Tensor, w: BCQWeight) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool, **tile) -> None:
+def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, variant: str, **tile) -> None:
     """`tile`: BLOCK_M, BLOCK_N, K_BLOCKS and num_warps, when `kernel` is `_bcq_kernel` itself, not a tuner."""
     m, n = x2.shape[0], w.out_features
     if m == 0:
@@ -180,24 +205,33 @@ def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, per_plane: bool, **tile
                          triton.cdiv(w.num_blocks, meta["K_BLOCKS"] or w.num_blocks))
     kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, y,
                  m, n, w.num_blocks, x2.stride(0), triton.next_power_of_2(m),
-                 G=w.block_size, HAS_BIAS=w.bias is not None, PER_PLANE=per_plane,
+                 G=w.block_size, HAS_BIAS=w.bias is not None, VARIANT=variant,
                  UPCAST=INTERPRET and x2.dtype == torch.bfloat16, **tile)
 
 
-def bcq_gemv(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
+def _variant(variant: str, allowed: tuple[str, ...]) -> str:
+    if variant not in allowed:
+        raise ValueError(f"variant: expected one of {', '.join(allowed)}, got {variant!r}")
+    return variant
+
+
+def bcq_gemv(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
     """Split-K path for small and middle M: partial sums over K-blocks added into an fp32 buffer, then cast to
-    x.dtype. One program covers at most 64 rows of x, so above that each M tile unpacks the weight again."""
+    x.dtype. One program covers at most 64 rows of x (8 with "fma"), so above that each M tile unpacks the
+    weight again."""
+    kernel = _fma_kernel if _variant(variant, VARIANTS) == "fma" else _gemv_kernel
     x2 = _check(x, w)
     y = torch.zeros(x2.shape[0], w.out_features, device=x.device, dtype=torch.float32)
-    _launch(_gemv_kernel, x2, w, y, per_plane)
+    _launch(kernel, x2, w, y, variant)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
 
 
-def bcq_tile(x: Tensor, w: BCQWeight, per_plane: bool = False) -> Tensor:
-    """Tensor-core tile path; `per_plane` picks one dot per plane over one dot per dequantized tile."""
+def bcq_tile(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
+    """Tensor-core tile path: one dot per dequantized tile, or one per plane."""
+    _variant(variant, VARIANTS[:2])
     x2 = _check(x, w)
     y = torch.empty(x2.shape[0], w.out_features, device=x.device, dtype=x.dtype)
-    _launch(_tile_kernel, x2, w, y, per_plane)
+    _launch(_tile_kernel, x2, w, y, variant)
     return y.reshape(*x.shape[:-1], w.out_features)
 
 

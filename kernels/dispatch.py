@@ -1,10 +1,11 @@
 """`bcq_linear`: pick the torch reference or a Triton kernel by backend, device and M (rows of x).
 
-On a GPU: split-K GEMV for small M, the tile kernel up to a crossover, and above it Ŵᵀ written for the
-call by the dequantize kernel, then torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense
-weight is not cached: a cache per linear would rebuild the whole fp16 model in memory. The
-crossovers differ per GPU, so they live in GPU_CONFIGS, keyed by device name, as measured by
-benchmarks/kernels.py; tile shapes themselves are autotuned by Triton.
+On a GPU: split-K GEMV for small M (for the fewest rows, on FMA units where that was measured faster), the
+tile kernel up to a crossover, and above it Ŵᵀ written for the call by the dequantize kernel, then
+torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense weight is not cached: a cache per
+linear would rebuild the whole fp16 model in memory. The crossovers differ per GPU, so they live in
+GPU_CONFIGS, keyed by device name, as measured by benchmarks/kernels.py; tile shapes themselves are
+autotuned by Triton.
 
 The kernel paths do no host sync and allocate only the output (and, for split-K, its fp32 buffer), so
 they can be captured in a CUDA graph once a warm-up call has autotuned.
@@ -28,6 +29,7 @@ BACKENDS = ("auto", "torch", "triton")
 class DispatchConfig:
     """Crossovers in M for one GPU."""
 
+    fma_max_m: int = 0  # M <= this: split-K GEMV on FMA units (the "fma" variant); 0 until measured faster
     gemv_max_m: int = 16  # M <= this: split-K GEMV
     plane_dot_max_m: int = 0  # M <= this: the per-plane-dot variant; above: dequantize the tile, one dot
     dense_min_m: int = 256  # M >= this: the dequantize kernel writes Ŵᵀ for the call, then torch.matmul
@@ -93,7 +95,9 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
     m = x.numel() // w.in_features
     if m >= cfg.dense_min_m:
         return bcq.bcq_dense(x, w)
-    per_plane = m <= cfg.plane_dot_max_m
+    if m <= cfg.fma_max_m:
+        return bcq.bcq_gemv(x, w, "fma")
+    variant = "per_plane" if m <= cfg.plane_dot_max_m else "dequant"
     if m <= cfg.gemv_max_m:
-        return bcq.bcq_gemv(x, w, per_plane)
-    return bcq.bcq_tile(x, w, per_plane)
+        return bcq.bcq_gemv(x, w, variant)
+    return bcq.bcq_tile(x, w, variant)

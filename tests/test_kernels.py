@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from qdllm.kernels import bcq_linear, bcq_linear_reference, dequantize, pack, pack_signs, reference, unpack_signs
+from qdllm.kernels import (bcq_linear, bcq_linear_reference, dequantize, dispatch, pack, pack_signs, reference,
+                           unpack_signs)
 
 try:
     from qdllm.kernels import bcq
@@ -25,9 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" runs the Triton
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative error (Frobenius) against float64
 KERNELS = {
     "gemv": lambda x, w: bcq.bcq_gemv(x, w),
-    "gemv_per_plane": lambda x, w: bcq.bcq_gemv(x, w, per_plane=True),
+    "gemv_per_plane": lambda x, w: bcq.bcq_gemv(x, w, "per_plane"),
+    "gemv_fma": lambda x, w: bcq.bcq_gemv(x, w, "fma"),
     "tile": lambda x, w: bcq.bcq_tile(x, w),
-    "tile_per_plane": lambda x, w: bcq.bcq_tile(x, w, per_plane=True),
+    "tile_per_plane": lambda x, w: bcq.bcq_tile(x, w, "per_plane"),
     "dense": lambda x, w: bcq.bcq_dense(x, w),
 }
 
@@ -53,7 +55,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def two_tiles_on_gpu():
     """On a GPU, the launches autotune over their first and last tiles only: the full sets would compile
     hundreds of variants for these small shapes. test_gpu_tile_spread runs a spread of the rest directly."""
-    tuners = [] if bcq is None or DEVICE == "cpu" else [bcq._gemv_kernel, bcq._tile_kernel]
+    tuners = [] if bcq is None or DEVICE == "cpu" else [bcq._gemv_kernel, bcq._fma_kernel, bcq._tile_kernel]
     saved = [t.configs for t in tuners]
     for t in tuners:
         t.configs = [t.configs[0], t.configs[-1]]
@@ -183,7 +185,7 @@ def test_triton_takes_batched_strided_input_without_bias_and_block_96():
     codes, expected = random_codes([2, 3], n=40, g=96, seed=3)
     w = pack(codes).to(DEVICE)
     x = torch.randn(2, 3, 2 * w.in_features, dtype=torch.float16, device=DEVICE)[..., ::2]  # column stride 2
-    for y in (bcq.bcq_tile(x, w), bcq.bcq_gemv(x, w), bcq.bcq_dense(x, w)):
+    for y in (bcq.bcq_tile(x, w), bcq.bcq_gemv(x, w), bcq.bcq_gemv(x, w, "fma"), bcq.bcq_dense(x, w)):
         assert y.shape == (2, 3, 40)
         assert rel_err(y, x.double() @ expected.T.to(DEVICE)) <= TOL[torch.float16]
 
@@ -230,6 +232,27 @@ def test_dispatch_triton_paths(weight, m):
 
 
 @needs_triton
+def test_dispatch_takes_the_fma_variant_up_to_fma_max_m(weight, monkeypatch):
+    """A GPU whose measured crossovers put the FMA variant first gets it up to fma_max_m rows, then the dot."""
+    monkeypatch.setattr(dispatch, "_config", lambda device: dispatch.DispatchConfig(fma_max_m=2, gemv_max_m=16))
+    variants, gemv = [], bcq.bcq_gemv
+    monkeypatch.setattr(bcq, "bcq_gemv", lambda x, w, variant: variants.append(variant) or gemv(x, w, variant))
+    for m in (1, 2, 3):
+        x = torch.randn(m, weight.in_features, dtype=torch.float16, device=DEVICE)
+        assert rel_err(bcq_linear(x, weight, backend="triton"), bcq_linear_reference(x.double(), weight)) <= 2e-3
+    assert variants == ["fma", "fma", "dequant"]
+
+
+@needs_triton
+def test_launches_name_an_unknown_variant(weight):
+    x = torch.zeros(1, weight.in_features, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"variant: expected one of dequant, per_plane, fma, got 'plane'"):
+        bcq.bcq_gemv(x, weight, "plane")
+    with pytest.raises(ValueError, match=r"variant: expected one of dequant, per_plane, got 'fma'"):
+        bcq.bcq_tile(x, weight, "fma")
+
+
+@needs_triton
 def test_dispatch_triton_explains_what_it_cannot_run(weight, monkeypatch):
     with pytest.raises(ValueError, match=r"backend 'triton': x is torch.float32; .* float16 or bfloat16"):
         bcq_linear(torch.zeros(1, weight.in_features, device=DEVICE), weight, backend="triton")
@@ -259,18 +282,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qdllm.kernels import bcq
 arch, act = int(sys.argv[1]), sys.argv[2]
-for gemv in (True, False):
-    configs = bcq._configs(gemv)
+for launch, variants in (("gemv", ("dequant", "per_plane")), ("fma", ("fma",)), ("tile", ("dequant", "per_plane"))):
+    configs = bcq._configs(launch)
     for cfg in (configs[0], configs[-1]):  # the smallest and the largest tile each launch autotunes over
-        for per_plane in (False, True):
-            const = {"G": 128, "HAS_BIAS": True, "PER_PLANE": per_plane, "UPCAST": False, **cfg.kwargs}
+        for variant in variants:
+            const = {"G": 128, "HAS_BIAS": True, "VARIANT": variant, "UPCAST": False, **cfg.kwargs}
             sig = {"x_ptr": "*" + act, "planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16",
-                   "pp_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*fp32" if gemv else "*" + act,
+                   "pp_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*" + act if launch == "tile" else "*fp32",
                    "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32", "M_BUCKET": "i32",
                    **{k: "constexpr" for k in const}}
             k = triton.compile(ASTSource(bcq._bcq_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            print(gemv, per_plane, "mma" in k.asm["ptx"], len(k.asm["cubin"]) > 0, k.metadata.shared)
+            print(launch, variant, "mma" in k.asm["ptx"], len(k.asm["cubin"]) > 0, k.metadata.shared)
 const = {"G": 128, "BLOCK_N": bcq.DEQUANT_BLOCK_N}
 sig = {"planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32", "wt_ptr": "*" + act,
        "N": "i32", **{k: "constexpr" for k in const}}
@@ -283,17 +306,18 @@ SHARED_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  
 @needs_triton
 @pytest.mark.parametrize("arch,act", [(80, "fp16"), (87, "fp16"), (89, "bf16"), (90, "fp16"), (90, "bf16")])
 def test_kernels_compile_for_gpus(arch, act):
-    """A100 (sm_80), Jetson Orin (sm_87), RTX 40 (sm_89), H100 (sm_90): every GEMM variant compiles, uses
-    the tensor cores (mma) and fits the family's shared memory; so does the dequantize kernel, without mma."""
+    """A100 (sm_80), Jetson Orin (sm_87), RTX 40 (sm_89), H100 (sm_90): every GEMM variant compiles and fits
+    the family's shared memory; the dot variants use the tensor cores (mma), the FMA variant and the
+    dequantize kernel do not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", COMPILE, str(arch), act], env=env, capture_output=True, text=True)
     rows = [line.split() for line in r.stdout.splitlines()]
-    assert len(rows) == 9, r.stderr[-3000:]
+    assert len(rows) == 11, r.stderr[-3000:]
     *gemm, (name, _, _, cubin, shared) = rows
     assert (name, cubin) == ("dequantize", "True") and int(shared) <= SHARED_LIMIT[arch]
-    for gemv, per_plane, mma, cubin, shared in gemm:
-        assert (mma, cubin) == ("True", "True"), (gemv, per_plane)
-        assert int(shared) <= SHARED_LIMIT[arch], (gemv, per_plane, shared)
+    for launch, variant, mma, cubin, shared in gemm:
+        assert (mma, cubin) == (str(variant != "fma"), "True"), (launch, variant)
+        assert int(shared) <= SHARED_LIMIT[arch], (launch, variant, shared)
 
 
 # ---- GPU ----
@@ -315,11 +339,11 @@ def test_gpu_kernels_and_dispatch(dtype, m):
 
 @needs_triton
 @cuda
-@pytest.mark.parametrize("gemv", [True, False])
-def test_gpu_tile_spread(gemv):
+@pytest.mark.parametrize("launch", ["gemv", "fma", "tile"])
+def test_gpu_tile_spread(launch):
     """A spread of the tiles each launch autotunes over, from the smallest to the largest (every M tile, N
-    tile and K split), each with both variants, run directly on N = 1000 (no multiple of any tile)."""
-    configs = bcq._configs(gemv)
+    tile and K split), each with the launch's variants, run directly on N = 1000 (no multiple of any tile)."""
+    configs = bcq._configs(launch)
     spread = configs[:: max(1, len(configs) // 6)]
     spread += [] if configs[-1] in spread else [configs[-1]]
     codes, _ = random_codes([1, 3, 2, 2, 2, 2, 1, 3], n=1000, g=128, seed=11)
@@ -327,8 +351,8 @@ def test_gpu_tile_spread(gemv):
     x = torch.randn(70, w.in_features, device="cuda", dtype=torch.float16)
     ref = bcq_linear_reference(x.double(), w)
     for cfg in spread:
-        for per_plane in (False, True):
-            y = (torch.zeros if gemv else torch.empty)(70, 1000, device="cuda",
-                                                        dtype=torch.float32 if gemv else torch.float16)
-            bcq._launch(bcq._bcq_kernel, x, w, y, per_plane, **cfg.kwargs, num_warps=cfg.num_warps)
-            assert rel_err(y, ref) <= TOL[torch.float16], (cfg, per_plane)
+        for variant in ("fma",) if launch == "fma" else ("dequant", "per_plane"):
+            y = (torch.empty if launch == "tile" else torch.zeros)(
+                70, 1000, device="cuda", dtype=torch.float16 if launch == "tile" else torch.float32)
+            bcq._launch(bcq._bcq_kernel, x, w, y, variant, **cfg.kwargs, num_warps=cfg.num_warps)
+            assert rel_err(y, ref) <= TOL[torch.float16], (cfg, variant)
