@@ -5,11 +5,12 @@ in registers, and reads each block's planes through plane_ptr, so mixed orders c
 variants, selected by VARIANT:
 - "per_plane": scale the X tile by alpha_c, dot with the ±1 plane, scale by alpha_r (one dot per plane);
 - "dequant": build Σ_p α_r α_c B_p for the tile, then one dot (less tensor-core work, more FMAs);
-- "fma": build the same tile, then multiply-add it into a [BLOCK_M, 32, BLOCK_N] fp32 accumulator in its
-  own register layout, summed over the 32 columns once at the end. No tensor cores: a dot needs at least
-  16 rows and a round trip of the tile through shared memory per step, which for one or two rows of x
-  may cost more than the multiply itself. It is the dequantize kernel's work with the store replaced by
-  an FMA, and that kernel unpacked a 4096x4096 weight in about 14 µs on an H100, writes included.
+- "fma": per plane, scale x by alpha_c and multiply-add ±x·alpha_r into a [BLOCK_M, 32, BLOCK_N] fp32
+  accumulator in the sign tile's own register layout, summed over the 32 columns once at the end. No
+  tensor cores: a dot needs at least 16 rows and a round trip of the tile through shared memory per step,
+  which for one or two rows of x may cost more than the multiply itself. It is the dequantize kernel's
+  unpacking without its stores, and that kernel unpacked a 4096x4096 weight in about 14 µs on an H100,
+  writes included.
 Two launches: `bcq_gemv`, split-K for small and middle M (each program sums K_BLOCKS K-blocks, down to
 one, and fp32 atomics reduce them, since a grid over N alone is too small to fill the GPU: on an H100 the
 tuner always took the finest split it was offered), with tiles of its own for "fma", and `bcq_tile`, one
@@ -108,12 +109,14 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
                     signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
                     xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
                     acc += tl.dot(xs, signs) * ar[None, :]
+            elif VARIANT == "fma":
+                for p in range(p_lo, p_hi):
+                    plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
+                    xs = x.to(tl.float32) * ac[None, :]
+                    acc += tl.where(plus[None, :, :], xs[:, :, None], -xs[:, :, None]) * ar[None, None, :]
             else:
                 w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
-                if VARIANT == "fma":
-                    acc += x.to(tl.float32)[:, :, None] * w[None, :, :]
-                else:
-                    acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+                acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
     if VARIANT == "fma":
         acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
