@@ -103,20 +103,18 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
         for c in range(G // 32):  # 32-column steps keep the unpacked [32, BLOCK_N] tiles in registers
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (b * G + c * 32 + rj)[None, :], mask=m_ok[:, None],
                         other=0.0)
-            if VARIANT == "per_plane":
-                for p in range(p_lo, p_hi):
-                    plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
-                    signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
-                    xs = (x.to(tl.float32) * ac[None, :]).to(dot_ty)
-                    acc += tl.dot(xs, signs) * ar[None, :]
-            elif VARIANT == "fma":
+            if VARIANT == "dequant":
+                w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
+                acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+            else:  # a term per plane: x scaled by alpha_c, signed by the plane, scaled by alpha_r
                 for p in range(p_lo, p_hi):
                     plus, ac, ar = _plane(planes_ptr, ar_ptr, ac_ptr, p, c, rn, rj, n_ok, N, G)
                     xs = x.to(tl.float32) * ac[None, :]
-                    acc += tl.where(plus[None, :, :], xs[:, :, None], -xs[:, :, None]) * ar[None, None, :]
-            else:
-                w = _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G, BLOCK_N)
-                acc += tl.dot(x.to(dot_ty), w.to(dot_ty))
+                    if VARIANT == "fma":
+                        acc += tl.where(plus[None, :, :], xs[:, :, None], -xs[:, :, None]) * ar[None, None, :]
+                    else:
+                        signs = tl.where(plus, 1.0, -1.0).to(dot_ty)
+                        acc += tl.dot(xs.to(dot_ty), signs) * ar[None, :]
     if VARIANT == "fma":
         acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
