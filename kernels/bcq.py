@@ -218,7 +218,7 @@ def _variant(variant: str, allowed: tuple[str, ...]) -> str:
 
 def bcq_gemv(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
     """Split-K path for small and middle M: partial sums over K-blocks added into an fp32 buffer, then cast to
-    x.dtype. One program covers at most 64 rows of x (8 with "fma"), so above that each M tile unpacks the
+    x.dtype. One program covers at most 64 rows of x (2 with "fma"), so above that each M tile unpacks the
     weight again."""
     kernel = _fma_kernel if _variant(variant, VARIANTS) == "fma" else _gemv_kernel
     x2 = _check(x, w)
