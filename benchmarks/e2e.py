@@ -28,7 +28,8 @@ from tqdm import tqdm
 from common import environment, random_weight, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
-from qdllm.engine.loader import resolve_device
+from qdllm.engine.artifact import read_manifest
+from qdllm.engine.loader import BACKENDS, resolve_device
 from qdllm.engine.quant_linear import QuantLinear
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
 
@@ -168,7 +169,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="dense dtype (default float16 on GPU, float32 on CPU)")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="kernels of the 2-bit linears; \"dense\" dequantizes them once at load")
     ap.add_argument("--cuda-graphs", action="store_true", help="the engine replays forwards from CUDA graphs")
     ap.add_argument("--configs", default="abcd", help="which of a-d to run")
     ap.add_argument("--fits-only", action="store_true", help="with --shape: print the what-fits-where table only")
@@ -177,6 +179,8 @@ def main() -> None:
     if (args.shape is None) == (args.model is None) or (args.model is not None) != (args.artifact is not None):
         ap.error("give --shape, or --model with --artifact")
 
+    if args.shape and args.backend == "dense":
+        ap.error("--backend dense: the random packed weights of --shape would only time a dense model")
     device = resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         ap.error(f"--cuda-graphs needs a CUDA device; the device is {device}")
@@ -194,7 +198,7 @@ def main() -> None:
                  "2bit": lambda: random_model(cfg, True, device, dtype, args.backend)}
         b_eff = random_bits(cfg)
     else:
-        b_eff = None  # read from the 2-bit model once it is built
+        b_eff = read_manifest(Path(args.artifact), verify=False)["effective_bits"]  # as stored, whatever the backend
         tok = load_tokenizer(args.model)
         build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype),
                  "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}
@@ -246,9 +250,6 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = build[weights]()
-        if weights == "2bit" and not args.shape:
-            b_eff = settings["effective_bits"] = effective_bits(
-                [m.weight_packed for m in model.modules() if isinstance(m, QuantLinear)])
         for key in keys:
             _, cache, fast = CONFIGS[key]
             for batch in batches:
@@ -271,7 +272,7 @@ def main() -> None:
                 speedups(results)
                 record = {"benchmark": "e2e", "environment": env, "settings": settings,
                           "complete": len(results) == len(configs) * len(batches), "results": results,
-                          "fits": None if b_eff is None else fits_table(cfg, b_eff, prompt_len, args.gen)}
+                          "fits": fits_table(cfg, b_eff, prompt_len, args.gen)}
                 write_results(out, record, plot)
                 bar.update()
                 del core  # its pool, graphs and model go before the next engine is built

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from qdllm.kernels.dispatch import triton_unusable
 from qdllm.kernels.pack import BCQWeight
+from qdllm.kernels.reference import dequantize
 
 from . import models
 from .errors import CheckpointError
@@ -90,7 +91,8 @@ def packed_linear(where: dict[str, Path], prefix: str, in_features: int, out_fea
 
 
 def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | None, backend: str) -> DiffusionLM:
-    """The native model with QuantLinear modules for packed linears and dense ones elsewhere."""
+    """The native model with QuantLinear modules for packed linears and dense ones elsewhere; with backend "dense",
+    the packed linears stay nn.Linear, their weights dequantized as the torch backend does on every call."""
     manifest = read_manifest(path)
     cfg = read_config(path)
     block_size = manifest["quantization"]["block_size"]
@@ -113,6 +115,9 @@ def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | N
     for name, (prefix, module) in packed.items():
         bias = state.get(f"{name}.bias")
         w = packed_linear(where, prefix, module.in_features, module.out_features, block_size, bias)
+        if backend == "dense":
+            module.weight = torch.nn.Parameter(dequantize(w.to(device), dtype), requires_grad=False)
+            continue
         parent, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, QuantLinear(w.to(device), backend))
     if backend == "triton" and packed:  # refused now, not at the first forward (a server would fail every request)

@@ -7,12 +7,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qdllm.kernels import dispatch
+
 from . import models
 from .config import Fields, ModelConfig
 from .errors import CheckpointError
 from .model import DiffusionLM
 
-BACKENDS = ("auto", "torch", "triton")
+# The kernels' backends, plus "dense": an artifact's packed linears dequantized once at load into plain nn.Linear
+# weights, for speed where memory is not short (a CPU has no low-bit kernel, so "torch" dequantizes every call).
+BACKENDS = (*dispatch.BACKENDS, "dense")
 INDEX = "model.safetensors.index.json"
 
 

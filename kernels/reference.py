@@ -39,9 +39,8 @@ def dequantize(w: BCQWeight, dtype: torch.dtype = torch.float16) -> Tensor:
 
 def bcq_linear_reference(x: Tensor, w: BCQWeight) -> Tensor:
     """x [..., K] @ Ŵᵀ (+ bias) in x.dtype, as nn.Linear computes a dense layer in that dtype: Ŵ summed in fp32
-    and rounded once to x.dtype, then one matmul (half-precision GEMMs accumulate in fp32 on CPUs and GPUs, and
-    run on a CPU's bf16 units where it has them). float64 x gives the test oracle."""
-    y = x @ dequantize(w, x.dtype).T
-    if w.bias is not None:
-        y = y + w.bias.to(x.dtype)
-    return y
+    and rounded once to x.dtype, then nn.Linear's own op, which adds the bias inside the GEMM (half-precision
+    GEMMs accumulate in fp32 on CPUs and GPUs, and run on a CPU's bf16 units where it has them). float64 x gives
+    the test oracle."""
+    bias = None if w.bias is None else w.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)

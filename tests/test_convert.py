@@ -80,6 +80,26 @@ def test_artifact_logits_equal_the_dequantized_dense_model(art, src):
     torch.testing.assert_close(q(ids()), dense(ids()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def dream_art(calib, tmp_path_factory):
+    """Dream's q/k/v have biases, which nn.Linear adds inside the GEMM."""
+    src = write_checkpoint(tmp_path_factory.mktemp("dream"), "dream", dtype=torch.bfloat16)
+    return convert(src, tmp_path_factory.mktemp("dream-art") / "out", calib)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_backend_gives_the_torch_backend_logits_exactly(request, family, dtype):
+    """Dequantized once at load or on every call, the weights are the same bits, so the logits are too."""
+    art = request.getfixturevalue("art" if family == "llada" else "dream_art")
+    ref = load_model(art, dtype=dtype, backend="torch")
+    out = load_model(art, dtype=dtype, backend="dense")
+    linears = [m for m in out.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 * len(out.layers) and all(m.weight.dtype == dtype for m in linears)
+    assert not any(type(m).__name__ == "QuantLinear" for m in out.modules())
+    assert torch.equal(out(ids()), ref(ids()))
+
+
 def test_triton_backend_gives_the_torch_backend_logits(art):
     """Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), on a GPU for real."""
     pytest.importorskip("triton")
