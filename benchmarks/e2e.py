@@ -149,7 +149,9 @@ def plot(file: Path, record: dict) -> None:
     ax.set_xticks([x + width * (len(CONFIGS) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens/s (median)")
     env, s = record["environment"], record["settings"]
-    ax.set_title(f"qdllm end to end, {s['model']}, gen {s['gen']}, block {s['block']}\n{env['device']}, {env['date']}")
+    run = f"{s['dense_dtype'].removeprefix('torch.')}, backend {s['backend']}{', CUDA graphs' if s['cuda_graphs'] else ''}"
+    ax.set_title(f"qdllm end to end, {s['model']}, gen {s['gen']}, block {s['block']}, {run}\n"
+                 f"{env['device']}, {env['date']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
