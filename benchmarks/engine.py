@@ -3,7 +3,8 @@ cache policies (none, prefix, dual) with and without Fast-dLLM threshold decodin
 
     python benchmarks/engine.py assets/llada-shakespeare
 
-Prompts are chat turns made from the first speeches of the test plays. Every request decodes its whole
+Prompts are chat turns made from the first speeches of the test plays (with --long-prompt, the first one
+is a long stretch of the plays instead). Every request decodes its whole
 canvas (ignore_eos), so each configuration generates the same number of tokens; tokens/s counts generated
 tokens only (never the prompt) over the wall time of the whole batch of requests. Agreement is the share
 of generated positions whose token equals the reference's (cache "none", the linear schedule, one token
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="make the first prompt a chat turn of this many tokens of the plays (0: off), so one "
+                         "long request runs among short ones")
     ap.add_argument("--out", default="benchmarks/results/engine")
     args = ap.parse_args()
 
@@ -88,6 +92,10 @@ def main() -> None:
     detok = Detokenizer(tok, end_token_ids(tok, model.config.eos_token_ids))
     data = Path(args.model) / "data" / "test.txt"
     prompts = [chat_prompt(tok, [{"role": "user", "content": s}]) for s in speeches(data, args.prompts)]
+    if args.long_prompt:
+        ids = tok.encode(data.read_text(encoding="utf-8"), add_special_tokens=False)
+        text = tok.decode(ids[: args.long_prompt], skip_special_tokens=True)
+        prompts[0] = chat_prompt(tok, [{"role": "user", "content": text}])
     batches = [int(b) for b in args.batch.split(",")]
     thresholds = [None if t == "none" else float(t) for t in args.thresholds.split(",")]
 
@@ -124,7 +132,8 @@ def main() -> None:
                            "block_length": args.block_length, "steps": "max_tokens (one token per step)",
                            "temperature": 0.0, "remasking": "low_confidence", "ignore_eos": True,
                            "repeats": args.repeats, "dtype": args.dtype, "batches": batches,
-                           "thresholds": thresholds, "prompt_tokens": [len(p) for p in prompts]},
+                           "thresholds": thresholds, "long_prompt": args.long_prompt,
+                           "prompt_tokens": [len(p) for p in prompts]},
               "results": results}
     out = Path(args.out + f"-{device.type}")
     write_results(out, record, plot)
