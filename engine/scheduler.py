@@ -1,10 +1,11 @@
 """The engine core: step-level continuous batching of block-wise denoising requests.
 
 Each `step()` advances every running request by one denoising step. Requests that need a full
-forward (no cache, or a cache refresh at the start of a block) share one padded forward call; requests
-in the middle of a block feed only their window (block plus suffix, or the block alone) and share a
-second call that attends over the pooled K/V. Requests join between steps when a slot and the token
-budget allow, and leave as soon as they finish, are cancelled, or stop early.
+forward (no cache, or a cache refresh at the start of a block) share padded forward calls; requests
+in the middle of a block feed only their window (block plus suffix, or the block alone) and share
+calls that attend over the pooled K/V. A call takes rows of similar lengths only (`similar_lengths`), so
+one long request does not make every short one in the batch pay for its length. Requests join between
+steps when a slot and the token budget allow, and leave as soon as they finish, are cancelled, or stop early.
 """
 from __future__ import annotations
 
@@ -57,6 +58,25 @@ class _Request:
     kv: list[Tensor] | None = None  # each row's flat K/V positions (kv_cache.py); empty without a cache
     sent_tokens: list[int] = field(default_factory=list)
     sent_text: str = ""
+
+
+def similar_lengths(plans: list[tuple[_Request, Window]]) -> list[list[tuple[_Request, Window]]]:
+    """The plans split into forward calls whose rows are padded at most 2x in each of the two lengths a row
+    pays for: the tokens it feeds and the positions it attends over (its sequence, for a window forward).
+    Rows of a usual batch fall in one call; a long request among short ones gets a call of its own, since one
+    call pads every row to its longest. It also bounds a call's padded tokens by twice the tokens fed."""
+    calls: list[tuple[list, list[int]]] = []  # (plans, [fed min, fed max, attended min, attended max])
+    for r, w in sorted(plans, key=lambda p: (p[1].hi - p[1].lo, p[0].seq.length), reverse=True):
+        fed, seen = w.hi - w.lo, w.hi - w.lo if w.full else r.seq.length
+        for group, bounds in calls:
+            f_lo, f_hi, s_lo, s_hi = bounds
+            if max(f_hi, fed) <= 2 * min(f_lo, fed) and max(s_hi, seen) <= 2 * min(s_lo, seen):
+                group.append((r, w))
+                bounds[:] = min(f_lo, fed), max(f_hi, fed), min(s_lo, seen), max(s_hi, seen)
+                break
+        else:
+            calls.append(([(r, w)], [fed, fed, seen, seen]))
+    return [group for group, _ in calls]
 
 
 class EngineCore:
@@ -197,14 +217,13 @@ class EngineCore:
             return outputs
         plans = [(r, r.seq.window()) for r in self.running]
         occupancy = sum(r.seq.rows for r in self.running) / self.max_num_seqs
-        done: list[tuple[_Request, bool]] = []
+        block_done: dict[int, bool] = {}  # by id(request)
         for full in (True, False):
-            group = [(r, w) for r, w in plans if w.full == full]
-            if group:
+            for group in similar_lengths([(r, w) for r, w in plans if w.full == full]):
                 for (r, _), logits in zip(group, self._forward(group, full)):
-                    done.append((r, r.seq.advance(logits)))
-        for r, block_done in done:  # in admission order, whichever call served them
-            if block_done:
+                    block_done[id(r)] = r.seq.advance(logits)
+        for r, _ in plans:  # in admission order, whichever call served them
+            if block_done[id(r)]:
                 outputs.append(self._finish_block(r))
         self.running = [r for r in self.running if r.seq is not None]
         st = self.stats

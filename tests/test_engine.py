@@ -1,6 +1,7 @@
 """The engine core: batch independence, parity, early stop, streaming, budgets, stats and failures."""
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from reference import llada_generate
 from tiny import MASK
 
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
+from qdllm.engine.scheduler import similar_lengths
+from qdllm.engine.sequence import Window
 from qdllm.engine.tokenizer import chat_prompt
 
 ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
@@ -73,6 +76,35 @@ def test_batched_requests_match_the_reference_generate(llada_dir):
     for prompt, p, out in zip(prompts, params, outs):
         assert out.token_ids == llada_generate(llm.model, prompt, p.steps, p.max_tokens, p.block_length,
                                                p.cfg_scale, MASK)
+
+
+def test_a_long_request_gets_its_own_forward_and_the_same_tokens(llada_dir):
+    """One full forward would pad all four sequences to the longest (4 x 108 tokens a step); the short ones
+    share a call of their own (108 + 3 x 12)."""
+    model = load_model(llada_dir)
+    params = SamplingParams(max_tokens=8, steps=8, block_length=8, ignore_eos=True)
+    prompts = [list(range(4, 104)), [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    solo = [alone(model, p, params) for p in prompts]
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4)
+    ids = [core.add_request(p, params) for p in prompts]
+    outputs = drain(core)
+    assert [outputs[i][-1].token_ids for i in ids] == [o.token_ids for o in solo]
+    assert (core.stats.steps, core.stats.forwards, core.stats.tokens) == (8, 16, 8 * (108 + 3 * 12))
+
+
+def _plan(fed: int, length: int, full: bool):
+    """A running request, as similar_lengths sees it, whose step feeds `fed` tokens of its `length`."""
+    return SimpleNamespace(seq=SimpleNamespace(length=length)), Window(length - fed, length, 0, 0, full)
+
+
+def test_similar_lengths_pads_no_row_more_than_twice():
+    full = [_plan(n, n, True) for n in (60, 200, 16, 110, 30, 150, 100)]
+    assert [[w.hi for _, w in g] for g in similar_lengths(full)] == [[200, 150, 110, 100], [60, 30], [16]]
+    # Window forwards: alike in the tokens fed, apart in the positions attended over, and the other way round.
+    windows = [_plan(32, 250, False), _plan(32, 100, False), _plan(32, 60, False), _plan(8, 70, False)]
+    assert [[(w.hi - w.lo, r.seq.length) for r, w in g] for g in similar_lengths(windows)] == [
+        [(32, 250)], [(32, 100), (32, 60)], [(8, 70)]]
+    assert similar_lengths([]) == []
 
 
 def test_early_stop_spends_fewer_forwards_and_frees_the_slot(llada_dir):
