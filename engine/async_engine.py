@@ -148,7 +148,7 @@ class AsyncEngine:
                     self._deliver(request_id, error)
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, EngineError(out.error) if out.error else out)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         last = isinstance(item, Exception) or item.finished

@@ -13,11 +13,14 @@ not be stored (padding, and rows of requests without a cache) go to one scratch 
 page, which reads reach only where attention masks them out, so a batch needs no per-row branches.
 
 Without a budget the pool grows when an admission needs more pages than are free (by half at least, so
-growth is rare, and never past `max_pages`). With a memory budget (`pages_within`) the engine allocates it
-whole at start-up instead, so running out of device memory shows then, not under load, and an admission
-that finds too few free pages waits for running requests to end.
+growth is rare, and never past `max_pages`). If the device has no memory for a larger pool, the pool keeps
+its size and that size becomes its limit: the admission waits for running requests to end, as with a
+budget, instead of failing the batch. With a memory budget (`pages_within`) the engine allocates it whole
+at start-up instead, so running out of device memory shows then, not under load.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
@@ -25,6 +28,7 @@ from torch import Tensor
 from .config import ModelConfig
 
 PAGE = 16  # positions per page: the unit of allocation
+log = logging.getLogger("qdllm.engine")
 
 
 def position_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -48,6 +52,7 @@ class KVPool:
                  max_pages: int | None = None):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.max_pages = max_pages  # None: fixed at `pages`
+        self.out_of_memory = False  # a growth failed for lack of device memory, so max_pages is the size now
         self.k = self.v = torch.empty(0)
         self.pages = 0
         self.free: list[int] = []
@@ -78,14 +83,32 @@ class KVPool:
     def can_allocate(self, pages: int) -> bool:
         return self.used_pages + pages <= self.page_limit
 
+    def reserve(self, pages: int) -> bool:
+        """Make `pages` pages free, growing the pool if it must and may; False when it cannot. A growth that
+        finds no device memory for the new size tries the bare need, and if that fails too the pool stops
+        growing: its present size becomes its limit."""
+        if not self.can_allocate(pages):
+            return False
+        need = self.used_pages + pages
+        if need <= self.pages:
+            return True
+        for size in dict.fromkeys((min(self.page_limit, max(need, self.pages + self.pages // 2)), need)):
+            try:
+                self._resize(size)
+                return True
+            except torch.OutOfMemoryError:
+                pass
+        self.max_pages, self.out_of_memory = self.pages, True
+        log.warning("KV pool: the device ran out of memory growing past %d positions; the pool keeps them "
+                    "(%.3g GiB), and requests wait for its pages", self.capacity, self.nbytes / 2**30)
+        return False
+
     def allocate(self, length: int, rows: int = 1) -> list[Tensor]:
         """Pages for `rows` sequence rows of `length` positions, growing the pool if it must: each row's flat
         positions [length] (int64, on the CPU)."""
         need = pages_for(length)
-        if not self.can_allocate(rows * need):
+        if not self.reserve(rows * need):
             raise ValueError(f"the KV pool cannot hold {rows} x {length} more positions")
-        if rows * need > len(self.free):
-            self._resize(min(self.page_limit, max(self.used_pages + rows * need, self.pages + self.pages // 2)))
         offsets = torch.arange(PAGE)
         out = []
         for _ in range(rows):

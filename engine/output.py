@@ -59,10 +59,11 @@ class RequestOutput:
     delta_token_ids: list[int]
     delta_text: str
     finished: bool
-    finish_reason: str | None  # "stop" (EOS or a stop string), "length", or "abort"; None until finished
+    finish_reason: str | None  # "stop" (EOS or a stop string), "length", "abort" or "error"; None until finished
     nfe: int  # network evaluations spent; a CFG step counts two
     stats: RequestStats
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when SamplingParams.logprobs asks
+    error: str | None = None  # why the request could not run, with finish_reason "error"
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -36,6 +36,7 @@ class EngineStats:
     nfe: int = 0  # network evaluations, as requests count them
     finished: int = 0
     aborted: int = 0
+    failed: int = 0  # requests that could not run (finish_reason "error")
     running: int = 0
     waiting: int = 0
     occupancy_sum: float = 0.0  # running / max_num_seqs, summed over steps
@@ -171,10 +172,18 @@ class EngineCore:
         if rows > self.max_num_seqs:
             raise ValueError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}")
         if params.cache != "none" and rows * pages_for(length) > self.pool.page_limit:
-            raise ValueError(f"cfg_scale with a cache keeps K/V for two rows of {length} positions; that exceeds the "
-                             f"{self.pool.page_limit * PAGE} positions that kv_cache_memory holds")
+            raise ValueError(self._beyond_pool(rows, length))
         if params.stop and self.detok.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
+
+    def _beyond_pool(self, rows: int, length: int) -> str:
+        """Why a cached request of `rows` x `length` positions can never run: the pool's limit and its cause."""
+        pool = self.pool
+        need = f"two rows of {length} positions (cfg_scale)" if rows == 2 else f"{length} positions"
+        held = (f"the KV pool held when the device ran out of memory as it grew ({pool.nbytes / 2**30:.3g} GiB)"
+                if pool.out_of_memory else "kv_cache_memory holds")
+        return f"with a cache, prompt plus canvas keeps K/V for {need}; that exceeds the {pool.page_limit * PAGE} " \
+               f"positions that {held}"
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                     stats: RequestStats | None = None, suffix: list[int] | None = None) -> str:
@@ -211,7 +220,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One denoising step for every running request; outputs for those that finished a block or ended."""
         outputs = self._drop_aborted()
-        self._admit()
+        outputs += self._admit()
         if not self.running:
             self._count_state()
             return outputs
@@ -252,24 +261,36 @@ class EngineCore:
         self.aborts.clear()
         return outputs
 
-    def _admit(self) -> None:
-        """First come, first served: the head of the queue waits until its slots, KV pages and tokens fit."""
+    def _admit(self) -> list[RequestOutput]:
+        """First come, first served: the head of the queue waits until its slots, KV pages and tokens fit. A
+        queued request that needs more K/V than the pool can ever hold (it stopped growing when the device ran
+        out of memory) fails alone; its output carries the error."""
         busy = sum(r.seq.rows * r.seq.length for r in self.running)
+        failed = []
         while self.waiting:
             r = self.waiting[0]
             rows, length = footprint(len(r.prompt), r.params, len(r.suffix))
             tokens = rows * length
-            cached = r.params.cache != "none"
-            if (rows > self.free_rows or (cached and not self.pool.can_allocate(rows * pages_for(length)))
-                    or (self.running and busy + tokens > self.max_batch_tokens)):
+            pages = rows * pages_for(length) if r.params.cache != "none" else 0
+            if pages > self.pool.page_limit:
+                self.waiting.popleft()
+                failed.append(self._output(r, [], "", "error", error=self._beyond_pool(rows, length)))
+                continue
+            if rows > self.free_rows or (self.running and busy + tokens > self.max_batch_tokens):
                 break
+            if pages and not self.pool.reserve(pages):
+                if pages > self.pool.page_limit:
+                    continue  # the pool just stopped growing below what it needs: it fails above
+                break  # running requests hold the pages
             r.seq = Sequence(r.prompt, r.params, self.model.config, self.device, r.suffix)  # raising, r stays queued
             self.waiting.popleft()
             self.free_rows -= rows
-            r.kv = self.pool.allocate(length, rows) if cached else []
+            r.kv = self.pool.allocate(length, rows) if pages else []
             r.stats.scheduled = time.perf_counter()
             self.running.append(r)
             busy += tokens
+        self.stats.failed += len(failed)
+        return failed
 
     def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
         """One padded forward for the group; the block logits [rows, block, V] of each request. With CUDA
@@ -340,7 +361,8 @@ class EngineCore:
             self.stats.finished += 1
         return output
 
-    def _output(self, r: _Request, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
+    def _output(self, r: _Request, tokens: list[int], text: str, reason: str | None,
+                error: str | None = None) -> RequestOutput:
         """The answer so far; an unfinished one streams only the text that no later block can change."""
         if reason is None:
             text = self.detok.stable(text, r.params)
@@ -350,7 +372,7 @@ class EngineCore:
         r.sent_tokens, r.sent_text = tokens, text
         nfe, logprobs = (r.seq.nfe, r.seq.logprobs(tokens)) if r.seq is not None else (0, None)
         return RequestOutput(r.id, r.prompt, tokens, text, delta_tokens, delta_text, reason is not None, reason,
-                             nfe, r.stats, logprobs)
+                             nfe, r.stats, logprobs, error)
 
     def _release(self, r: _Request) -> None:
         self.free_rows += r.seq.rows

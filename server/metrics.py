@@ -56,6 +56,8 @@ class Metrics:
             ("qdllm_engine_forwards_total", "counter", "Batched forward calls.", st.forwards),
             ("qdllm_aborted_requests_total", "counter", "Engine requests cancelled (client gone, shutdown).",
              st.aborted),
+            ("qdllm_failed_requests_total", "counter", "Engine requests that could not run (out of KV memory).",
+             st.failed),
             ("qdllm_queue_depth", "gauge", "Requests accepted and not yet running.", engine.queue_depth),
             ("qdllm_running_requests", "gauge", "Requests being denoised.", st.running),
             ("qdllm_batch_occupancy", "gauge", "Mean share of sequence slots in use per step.", st.batch_occupancy),

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tiny import write_checkpoint
 
+from qdllm.engine.kv_cache import KVPool
+
 
 @pytest.fixture(scope="session")
 def llada_dir(tmp_path_factory) -> Path:
@@ -26,6 +28,21 @@ def dream_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=["llada", "dream"])
 def model_dir(request, llada_dir, dream_dir) -> Path:
     return llada_dir if request.param == "llada" else dream_dir
+
+
+@pytest.fixture
+def device_room(monkeypatch):
+    """`device_room(pages)`: from then on, KV pools live on a pretend device with room for `pages` pages, where
+    a larger pool fails as a CUDA allocation does, with torch.OutOfMemoryError."""
+    def limit(pages: int) -> None:
+        resize = KVPool._resize
+
+        def within(pool: KVPool, n: int) -> None:
+            if n > pages:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a pool of {n} pages")
+            resize(pool, n)
+        monkeypatch.setattr(KVPool, "_resize", within)
+    return limit
 
 
 @pytest.fixture(scope="session")

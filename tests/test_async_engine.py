@@ -102,6 +102,29 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(model):
     assert asyncio.run(main()).token_ids == alone(model, *REQUESTS[0]).token_ids
 
 
+def test_a_request_the_kv_pool_cannot_grow_to_fails_alone(model, device_room):
+    """The device has room for ten pages; a long request holds nine, so a request of twelve finds no memory to
+    grow the pool: its stream fails with the reason, and the long request finishes with its own tokens."""
+    long = (list(range(3, 103)), SamplingParams(max_tokens=32, steps=8, block_length=8, cache="prefix"))
+    huge = ([5] * 170, SamplingParams(max_tokens=16, block_length=8, cache="prefix"))
+
+    async def main():
+        eng = engine(model, max_num_seqs=2)
+        try:
+            running = eng.submit(*long)
+            await running.__anext__()
+            with pytest.raises(EngineError, match=r"^with a cache, prompt plus canvas keeps K/V for 186 positions; "
+                                                  r"that exceeds the 144 positions that the KV pool held when the "
+                                                  r"device ran out of memory as it grew \(0.000138 GiB\)$"):
+                await eng.submit(*huge).final()
+            return await running.final()
+        finally:
+            eng.shutdown()
+
+    device_room(10)
+    assert asyncio.run(main()).token_ids == alone(model, *long).token_ids
+
+
 def test_shutdown_ends_streams_in_flight_and_refuses_new_ones(model):
     async def main():
         eng = engine(model, max_num_seqs=1)

@@ -1,5 +1,6 @@
 """The engine core: batch independence, parity, early stop, streaming, budgets, stats and failures."""
 import dataclasses
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -292,10 +293,37 @@ def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
     assert [outputs[i][-1].token_ids for i in ids] == [o.token_ids for o in solo]
     with pytest.raises(ValueError, match="exceeds the 160 positions that kv_cache_memory holds"):
         core.add_request([5] * 150, SamplingParams(max_tokens=16, block_length=8))
-    with pytest.raises(ValueError, match="two rows of 100 positions; that exceeds the 160 positions that "
-                                         "kv_cache_memory holds"):
+    with pytest.raises(ValueError, match=r"two rows of 100 positions \(cfg_scale\); that exceeds the 160 positions "
+                                         "that kv_cache_memory holds"):
         core.add_request([5] * 84, SamplingParams(max_tokens=16, block_length=8, cfg_scale=1.0, cache="dual"))
     core.add_request([5] * 84, SamplingParams(max_tokens=16, block_length=8, cfg_scale=1.0))  # no cache: no pages
+
+
+def test_a_pool_that_runs_out_of_device_memory_makes_requests_wait_and_fails_only_what_it_cannot_hold(
+        llada_dir, device_room):
+    """A device with room for 12 pages: the pool grows to 9 pages for a long request, then to 11 (13 did not fit),
+    then stops. The requests that fit wait for pages and give the tokens they give alone; one queued before the
+    pool stopped, which needs 12 pages, fails alone, and one like it is refused from then on."""
+    model = load_model(llada_dir)
+    long = (list(range(3, 103)), SamplingParams(max_tokens=32, steps=8, block_length=8, cache="prefix",
+                                                ignore_eos=True))  # 132 positions: nine pages
+    huge = ([5] * 170, SamplingParams(max_tokens=16, block_length=8, cache="dual"))  # 186: twelve pages
+    requests = [long, *REQUESTS]
+    solo = [alone(model, p, s) for p, s in requests]
+    device_room(12)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4)
+    ids = [core.add_request(p, s) for p, s in requests + [huge]]
+    outputs = drain(core)
+    pool = core.pool
+    assert pool.pages == 11 and pool.out_of_memory and pool.used_pages == 0 and core.free_rows == 4
+    assert [outputs[i][-1].token_ids for i in ids[:-1]] == [o.token_ids for o in solo]
+    (failed,) = outputs[ids[-1]]
+    message = ("with a cache, prompt plus canvas keeps K/V for 186 positions; that exceeds the 176 positions that "
+               "the KV pool held when the device ran out of memory as it grew (0.000169 GiB)")
+    assert (failed.finished, failed.finish_reason, failed.error, failed.token_ids) == (True, "error", message, [])
+    assert core.stats.failed == 1 and core.stats.finished == len(requests)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        core.add_request(*huge)
 
 
 def test_a_kv_budget_that_cannot_hold_what_is_asked_is_refused(llada_dir):

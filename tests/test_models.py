@@ -141,6 +141,25 @@ def test_pool_growth_keeps_the_pages_in_use(llada_dir):
     assert pool.pages == 12 and not pool.can_allocate(4)
 
 
+def test_a_pool_that_finds_no_memory_to_grow_tries_the_bare_need_then_keeps_its_size(llada_dir, device_room, caplog):
+    model, ids = load_model(llada_dir), random_ids(1, 64)
+    pool = KVPool(model.config, 0, "cpu", torch.float32, max_pages=12)
+    (index,) = pool.allocate(64)  # four pages
+    model(ids, cache=cache(pool, index, 0, 64))
+    before = pool.k[:, index].clone()
+    device_room(5)
+    assert pool.allocate(16)[0].tolist() == list(range(64, 80))  # six pages did not fit; five did
+    assert pool.pages == 5 and not pool.out_of_memory and pool.page_limit == 12
+    assert not pool.reserve(1)  # seven, then six: neither fits
+    assert pool.pages == 5 and pool.out_of_memory and pool.page_limit == 5
+    assert "the device ran out of memory growing past 80 positions" in caplog.text
+    torch.testing.assert_close(pool.k[:, index], before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot hold 1 x 1 more positions"):
+        pool.allocate(1)
+    pool.release(index)
+    assert pool.allocate(64)[0].tolist() == list(range(64)) and pool.pages == 5
+
+
 def test_scratch_writes_land_where_no_read_reaches(llada_dir):
     """Tokens that must not be stored go to the scratch position, past every page; cached K/V stay intact."""
     model, ids = load_model(llada_dir), random_ids(1, 32)
