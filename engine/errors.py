@@ -54,3 +54,12 @@ def byte_size(name: str):
                                              f"got {text!r}")
         return int(value)
     return parse
+
+
+class RequestError(ValueError):
+    """A request the engine can never run. `field` names what to change: a SamplingParams field, "prompt" or
+    "suffix", so a front end can point its client at the right parameter."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

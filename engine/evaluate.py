@@ -6,12 +6,15 @@ with l uniform on 1..L and the l masked positions uniform. It is estimated as LL
 random offset, and each sample masks that many positions chosen at random.
 Masks come from a generator seeded per (seed, window), so two models evaluated with the same seed see the
 same masks: their difference has far less noise than either figure.
+The result is JSON, which has no infinity: above about 709 nats/token exp(NLL) exceeds a float64, and
+`ppl_bound` and `ppl_stderr` are null beside the finite `nll_per_token`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,18 +55,35 @@ def windows_nll(model: DiffusionLM, xs: torch.Tensor, mc: int, gens: list[torch.
     generator each: float64 [W, mc]. The W·mc masked copies go through the model batch_size rows at a
     time, so a small mc still fills a batch."""
     W, L = xs.shape
+    device = next(model.parameters()).device
+    rows = min(batch_size, W * mc)
+    # the cross entropy holds the logits in float64 and their float64 log-softmax at once: a forward that needs
+    # more than the device has fails for certain, so say so now, not through the OOM killer hours in
+    need, have = rows * L * model.config.vocab_size * 16, device_memory(device)
+    if need > have:
+        raise MemoryError(f"the float64 cross entropy of one forward of {rows} samples needs {need / 1e9:,.1f} GB, "
+                          f"and the {device.type} has {have / 1e9:,.1f} GB")
     counts = [mask_counts(L, mc, g) for g in gens]
     masks = torch.cat([random_masks(c, L, g) for c, g in zip(counts, gens)])
     counts = torch.cat(counts)
-    device = next(model.parameters()).device
     targets = xs.to(device).repeat_interleave(mc, dim=0)
     samples = torch.empty(W * mc, dtype=torch.float64)
     for lo in range(0, W * mc, batch_size):
         m, x = masks[lo:lo + batch_size].to(device), targets[lo:lo + batch_size]
         logits = model(torch.where(m, model.config.mask_token_id, x))
         ce = F.cross_entropy(logits.double().transpose(1, 2), x, reduction="none")
-        samples[lo:lo + len(m)] = ((ce * m).sum(1) * L / counts[lo:lo + len(m)].to(device)).cpu()
+        batch = (ce * m).sum(1) * L / counts[lo:lo + len(m)].to(device)
+        if not batch.isfinite().all():  # finite logits give a finite float64 CE, so these were NaN or inf
+            raise FloatingPointError("the model's logits are NaN or inf")
+        samples[lo:lo + len(m)] = batch.cpu()
     return samples.view(W, mc)
+
+
+def device_memory(device: torch.device) -> int:
+    """All the memory of `device`, in bytes: a forward that needs more fails for certain."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def windows(ids: list[int], seqlen: int) -> list[torch.Tensor]:
@@ -85,8 +105,8 @@ class Result:
     device: str
     nll_per_token: float  # nats; an upper bound on the true NLL, up to Monte Carlo error
     nll_stderr: float | None  # Monte Carlo standard error of nll_per_token (None with --mc 1)
-    ppl_bound: float  # exp(nll_per_token)
-    ppl_stderr: float | None  # delta method: ppl_bound * nll_stderr
+    ppl_bound: float | None  # exp(nll_per_token); None where that exceeds a float64 (JSON has no infinity)
+    ppl_stderr: float | None  # delta method: ppl_bound * nll_stderr; None where either is None or it overflows
     seconds: float
     estimator: str = "stratified mask counts (LLaDA get_log_likelihood)"
 
@@ -116,6 +136,21 @@ def _stderr(samples: torch.Tensor, tokens: torch.Tensor) -> float:
     if samples.shape[1] < 2:
         return math.nan
     return (samples.var(dim=1).sum() / samples.shape[1]).sqrt().item() / tokens.sum().item()
+
+
+def perplexity(nll: float, se: float) -> tuple[float | None, float | None]:
+    """exp(nll) and its delta-method standard error; None for a figure that is not a finite float64 (exp
+    overflows above about 709 nats, and se is NaN at mc 1), since JSON has no NaN or infinity."""
+    try:
+        ppl = math.exp(nll)
+    except OverflowError:
+        return None, None
+    return ppl, ppl * se if math.isfinite(ppl * se) else None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA allocation failure, the CPU allocator's (a plain RuntimeError), or `windows_nll`'s refusal."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
 
 def difference(a: Estimate, b: Estimate) -> tuple[float, float]:
@@ -164,20 +199,30 @@ def run(args: argparse.Namespace) -> Result:
     ids = token_stream(tokenizer, texts, cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
     if cfg.mask_token_id in ids:
         raise DataError(f"{args.data}: the text contains the mask token; it cannot be scored")
-    est = evaluate(model, ids, seqlen, args.mc, args.seed, args.batch_size)
+    try:
+        est = evaluate(model, ids, seqlen, args.mc, args.seed, args.batch_size)
+    except FloatingPointError as e:
+        raise ValueError(f"{e} on {args.data}; check the checkpoint's weights") from None
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        detail = f" ({e})" if isinstance(e, MemoryError) and str(e) else ""
+        raise ValueError(f"out of memory with --batch-size {args.batch_size}{detail}; lower --batch-size") from None
     nll, se = est.nll_per_token, est.stderr
+    ppl, ppl_se = perplexity(nll, se)
     return Result(model=str(args.model), data=str(args.data),
                   data_sha256=sha256_file(args.data), tokens=len(ids),
                   windows=est.windows, seqlen=seqlen, mc=args.mc, seed=args.seed,
                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=str(device),
-                  nll_per_token=nll, nll_stderr=None if math.isnan(se) else se, ppl_bound=math.exp(nll),
-                  ppl_stderr=None if math.isnan(se) else math.exp(nll) * se,
+                  nll_per_token=nll, nll_stderr=None if math.isnan(se) else se, ppl_bound=ppl, ppl_stderr=ppl_se,
                   seconds=round(time.time() - start, 1))
 
 
 def parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="qdllm-eval", description="Masked-diffusion NLL bound and perplexity bound "
-                                 "of a dLLM checkpoint or qdllm artifact on a text file.")
+                                 "of a dLLM checkpoint or qdllm artifact on a text file, printed as JSON. "
+                                 "Above about 709 nats/token the perplexity exceeds a float64: ppl_bound and "
+                                 "ppl_stderr are then null (JSON has no infinity).")
     ap.add_argument("model", type=Path, help="HF checkpoint directory or qdllm artifact")
     ap.add_argument("--data", type=Path, required=True, help="plain-text file, or .jsonl with a 'text' field")
     ap.add_argument("--mc", type=bounded(int, "--mc", 1), default=128,
@@ -212,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
         result = run(args)
     except ValueError as e:  # CheckpointError, DataError and bad settings: one line each
         fail(e)
-    text = json.dumps(asdict(result), indent=2)
+    text = json.dumps(asdict(result), indent=2, allow_nan=False)
     print(text)  # first: a --json file that cannot be written must not lose the result
     se = "" if result.nll_stderr is None else f" ± {result.nll_stderr:.4f}"
-    print(f"NLL bound {result.nll_per_token:.4f}{se} nats/token, perplexity bound {result.ppl_bound:.2f} "
-          f"over {result.tokens} tokens", file=sys.stderr)
+    ppl = "inf" if result.ppl_bound is None else f"{result.ppl_bound:.2f}"
+    print(f"NLL bound {result.nll_per_token:.4f}{se} nats/token, perplexity bound {ppl} over {result.tokens} tokens",
+          file=sys.stderr)
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)

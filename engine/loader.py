@@ -85,13 +85,20 @@ def plain_file_name(name: object) -> bool:
 
 
 def check_layer_count(path: Path, cfg: ModelConfig, where: dict[str, Path]) -> None:
-    """Weights for layers beyond config.json's count mean the two disagree; loading would drop them silently."""
+    """The weights must hold config.json's count of layers: layers beyond it would be dropped silently, and a
+    checkpoint short of it would stop a conversion hours in, at the first missing layer."""
     prefix = models.FAMILIES[cfg.family].LAYER_PREFIX.split("{")[0]
+    held = 0
     for name, file in where.items():
         index = name.removeprefix(prefix).split(".")[0]
-        if name.startswith(prefix) and index.isdigit() and int(index) >= cfg.n_layers:
-            raise CheckpointError(f"{file}: holds '{name}', but {path / 'config.json'} declares only "
-                                  f"{cfg.n_layers} layer(s)")
+        if name.startswith(prefix) and index.isdigit():
+            if int(index) >= cfg.n_layers:
+                raise CheckpointError(f"{file}: holds '{name}', but {path / 'config.json'} declares only "
+                                      f"{cfg.n_layers} layer(s)")
+            held = max(held, int(index) + 1)
+    if held < cfg.n_layers:
+        raise CheckpointError(f"{path}: holds the weights of {held} layer(s), but {path / 'config.json'} declares "
+                              f"{cfg.n_layers}")
 
 
 def empty_model(cfg: ModelConfig, path: Path) -> DiffusionLM:
@@ -113,31 +120,47 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtype: torch.dtype,
-               device: str | torch.device, where: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
-    """Read the native tensors named in `shapes` from the checkpoint (from the files of `where`, when given),
-    checking presence, shape and kind."""
+def check_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size],
+                  where: dict[str, Path] | None = None) -> dict[Path, list[tuple[str, str]]]:
+    """Check the presence, shape and kind of the native tensors named in `shapes` from the safetensors headers
+    alone, before any long work; returns them by file, as (native, checkpoint) names."""
     family = models.FAMILIES[cfg.family]
     where = shard_files(path) if where is None else where
     by_file: dict[Path, list[tuple[str, str]]] = {}
-    for native in shapes:
+    for native, shape in shapes.items():
         ckpt = models.checkpoint_name(family, native)
         if ckpt not in where:
-            raise CheckpointError(f"{path}: missing tensor '{ckpt}'")
+            raise CheckpointError(f"{path}: missing tensor '{ckpt}' (expected shape {list(shape)})")
         by_file.setdefault(where[ckpt], []).append((native, ckpt))
-    state = {}
     for file, names in by_file.items():
         handle = _open(file)
         held = set(handle.keys())
         for native, ckpt in names:
             if ckpt not in held:  # the index named the wrong shard
                 raise CheckpointError(f"{file}: has no tensor '{ckpt}' (named by {INDEX})")
+            header = handle.get_slice(ckpt)
+            if header.get_shape() != list(shapes[native]):
+                raise CheckpointError(f"{file}: tensor '{ckpt}' has shape {header.get_shape()}, expected "
+                                      f"{list(shapes[native])}")
+            if not header.get_dtype().startswith(("F", "BF")):  # F16, BF16, F32, F64, F8_E4M3, ...
+                raise CheckpointError(f"{file}: tensor '{ckpt}' has dtype {header.get_dtype()}, expected a "
+                                      "floating-point dtype")
+    return by_file
+
+
+def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtype: torch.dtype,
+               device: str | torch.device, where: dict[str, Path] | None = None,
+               finite: bool = False) -> dict[str, torch.Tensor]:
+    """Read the native tensors named in `shapes` from the checkpoint (from the files of `where`, when given),
+    checked by `check_tensors`; with `finite`, NaN and inf are refused too (the quantizer's calibration would
+    spread them through every later layer)."""
+    state = {}
+    for file, names in check_tensors(path, cfg, shapes, where).items():
+        handle = _open(file)
+        for native, ckpt in names:
             t = handle.get_tensor(ckpt)
-            if t.shape != shapes[native]:
-                raise CheckpointError(
-                    f"{file}: tensor '{ckpt}' has shape {list(t.shape)}, expected {list(shapes[native])}")
-            if not t.is_floating_point():
-                raise CheckpointError(f"{file}: tensor '{ckpt}' has dtype {t.dtype}, expected a floating-point dtype")
+            if finite and not torch.isfinite(t).all():
+                raise CheckpointError(f"{file}: tensor '{ckpt}' holds NaN or inf")
             state[native] = t.to(device=device, dtype=dtype)
     return state
 

@@ -21,6 +21,9 @@ def _is_num(v: object) -> bool:
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
+# The references guide with scales of a few units. Far above, guidance only makes the distribution one-hot,
+# and near fp32's range the guided logits overflow to inf and NaN.
+MAX_CFG = 100
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class SamplingParams:
                   Dream's names maskgit_plus and topk_margin are accepted.
     threshold:    Fast-dLLM parallel decoding: commit every token whose confidence reaches it, and always
                   the most confident one.
-    cfg_scale:    classifier-free guidance; the unconditional pass masks the prompt (costs 2 nfe a step).
+    cfg_scale:    classifier-free guidance, 0 to 100; the unconditional pass masks the prompt (costs 2 nfe a step).
     cache:        none (full forward every step), prefix or dual (Fast-dLLM's caches, refreshed per block).
     seed:         seeds this request's own generator, so results do not depend on other requests.
     stop:         strings that end the text; the stop string itself is not returned.
@@ -91,7 +94,7 @@ class SamplingParams:
         check("remasking", self.remasking in REMASKING, f"one of {list(REMASKING) + list(REMASKING_ALIASES)}")
         check("threshold", self.threshold is None or (_is_num(self.threshold) and 0 < self.threshold <= 1),
               "null or a number in (0, 1]")
-        check("cfg_scale", _is_num(self.cfg_scale) and self.cfg_scale >= 0, "a number >= 0")
+        check("cfg_scale", _is_num(self.cfg_scale) and 0 <= self.cfg_scale <= MAX_CFG, f"a number in [0, {MAX_CFG}]")
         check("cache", self.cache in CACHES, f"one of {list(CACHES)}")
         check("seed", self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
               f"null or an integer in [{SEED_MIN}, {SEED_MAX}]")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .cuda_graphs import ForwardGraphs, run_forward
+from .errors import RequestError
 from .kv_cache import PAGE, KVPool, pages_for, pages_within, position_bytes
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
@@ -46,6 +47,14 @@ class EngineStats:
     def batch_occupancy(self) -> float:
         """Mean fraction of the sequence slots in use per step."""
         return self.occupancy_sum / self.steps if self.steps else 0.0
+
+
+def _too_long(prompt: int, suffix: int, room: int) -> str:
+    """The field to shorten when a request outgrows `room` positions: the prompt or the suffix (the longer) when
+    with them there is no room left for one generated token, else max_tokens."""
+    if prompt + suffix < room:
+        return "max_tokens"
+    return "suffix" if suffix > prompt else "prompt"
 
 
 @dataclass
@@ -149,32 +158,35 @@ class EngineCore:
     # ---- requests -------------------------------------------------------------------------------
 
     def check(self, prompt: list[int], params: SamplingParams, suffix: list[int] | None = None) -> None:
-        """Raise ValueError, naming the field, for a request this engine can never run."""
+        """Raise RequestError, naming the field, for a request this engine can never run."""
         vocab = self.model.config.vocab_size
         if isinstance(prompt, list) and not prompt:
-            raise ValueError("a prompt must hold at least one token")
+            raise RequestError("a prompt must hold at least one token", "prompt")
         suffix = [] if suffix is None else suffix
         for name, ids in (("prompt", prompt), ("suffix", suffix)):
             if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
-                raise ValueError(f"a {name} must be a string or a list of token ids in [0, {vocab})")
+                raise RequestError(f"a {name} must be a string or a list of token ids in [0, {vocab})", name)
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
-            raise ValueError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
-                             f"{params.logit_bias[-1][0]}")
+            raise RequestError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
+                               f"{params.logit_bias[-1][0]}", "logit_bias")
         block, n_blocks = block_layout(params)
         rows, length = footprint(len(prompt), params, len(suffix))
         if length > self.max_model_len:
             with_suffix = f" plus suffix ({len(suffix)} tokens)" if suffix else ""
-            raise ValueError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
-                             f"up to whole blocks){with_suffix} exceeds {self.limit}")
+            raise RequestError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
+                               f"up to whole blocks){with_suffix} exceeds {self.limit}",
+                               _too_long(len(prompt), len(suffix), self.max_model_len))
         if params.steps is not None and params.threshold is None and params.steps < n_blocks:
-            raise ValueError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
-                             f"({n_blocks})")
+            raise RequestError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
+                               f"({n_blocks})", "steps")
         if rows > self.max_num_seqs:
-            raise ValueError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}")
+            raise RequestError(f"cfg_scale needs two sequence slots; the engine has max_num_seqs={self.max_num_seqs}",
+                               "cfg_scale")
         if params.cache != "none" and rows * pages_for(length) > self.pool.page_limit:
-            raise ValueError(self._beyond_pool(rows, length))
+            raise RequestError(self._beyond_pool(rows, length),
+                               _too_long(len(prompt), len(suffix), self.pool.page_limit * PAGE // rows))
         if params.stop and self.detok.tokenizer is None:
-            raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
+            raise RequestError("SamplingParams.stop needs a tokenizer; this engine has none", "stop")
 
     def _beyond_pool(self, rows: int, length: int) -> str:
         """Why a cached request of `rows` x `length` positions can never run: the pool's limit and its cause."""

@@ -6,7 +6,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import TemplateError, TemplateSyntaxError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
 from transformers.utils import logging as hf_logging
 
@@ -36,6 +36,8 @@ def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) ->
         except (OSError, UnicodeDecodeError) as e:
             reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise CheckpointError(f"{template_file}: the chat template does not read ({reason})") from None
+        if not tokenizer.chat_template.strip():  # falsy: chat would quietly use neither it nor the tokenizer's
+            raise CheckpointError(f"{template_file}: the chat template is empty")
     elif not template_file.is_file():
         template_file = path / "tokenizer_config.json"
     if tokenizer.chat_template:  # a template that does not compile would fail every chat request
@@ -45,8 +47,12 @@ def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) ->
         except TemplateSyntaxError as e:
             error = f"line {e.lineno}: {e.message}"
             raise CheckpointError(f"{template_file}: the chat template does not compile ({error})") from None
-        except Exception:  # raise_exception and the like: a matter for each request, not for loading
+        except TemplateError:  # raise_exception and the like: a matter for each request, not for loading
             pass
+        except Exception as e:  # a broken template (a TypeError, say) would fail every chat request
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise CheckpointError(f"{template_file}: the chat template fails on a one-message conversation "
+                                  f"({error})") from None
     return tokenizer
 
 

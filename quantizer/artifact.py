@@ -33,6 +33,21 @@ def _write_json(file: Path, data: dict) -> None:
     os.replace(tmp, file)
 
 
+def _umask() -> int:
+    """The process umask, which os reports only when it is set (briefly to 077, the safe side)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _changes(old: object, new: object, key: str = "") -> list[str]:
+    """Each differing leaf of two headers, as "calibration.seed was 0, now 1": what to put back for --resume."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for k in sorted(old.keys() | new.keys())
+                for change in _changes(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+    return [] if old == new else [f"{key} was {old!r}, now {new!r}"]
+
+
 class ArtifactWriter:
     """`header` is the manifest without the per-layer records and shard hashes: the settings, the source
     and the calibration. A resumed conversion must have the same header."""
@@ -87,10 +102,9 @@ class ArtifactWriter:
 
     def _resume(self, state: dict) -> None:
         if state["header"] != self.header:
-            differs = sorted(k for k in set(state["header"]) | set(self.header)
-                             if state["header"].get(k) != self.header.get(k))
-            raise ArtifactError(f"{self.out}: was started with different {', '.join(differs)}; convert again with "
-                                "the same settings, or remove the directory")
+            changes = "; ".join(_changes(state["header"], self.header))
+            raise ArtifactError(f"{self.out}: was started with other settings ({changes}); convert again with the "
+                                "same settings, or remove the directory")
         for record, (name, digest) in zip(state["layers"], state["shards"].items()):
             if not (self.out / name).exists() or sha256_file(self.out / name) != digest:
                 break  # this shard and every later one are redone
@@ -109,6 +123,7 @@ class ArtifactWriter:
         tmp = self.out / (name + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp),
                   metadata={"format": "pt"})  # one key: safetensors writes several in random order
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files, which no other user could serve
         os.replace(tmp, self.out / name)
         self.shards[name] = sha256_file(self.out / name)
 

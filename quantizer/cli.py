@@ -13,7 +13,7 @@ import torch
 from qdllm.engine import SamplingParams, load_tokenizer, read_config
 from qdllm.engine.artifact import MANIFEST, sha256_file
 from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
-from qdllm.engine.loader import check_layer_count, resolve_device, shard_files
+from qdllm.engine.loader import check_layer_count, check_tensors, empty_model, resolve_device, shard_files
 from qdllm.engine.tokenizer import check_vocab
 
 from .artifact import ArtifactWriter
@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> Path:
     if (args.src / MANIFEST).exists():
         raise ValueError(f"{args.src}: is a qdllm artifact ({MANIFEST}); convert the original checkpoint")
     cfg = read_config(args.src)
-    check_layer_count(args.src, cfg, shard_files(args.src))
+    where = shard_files(args.src)
+    check_layer_count(args.src, cfg, where)
+    # every tensor the conversion reads, from the headers now rather than hours in, when its layer comes
+    check_tensors(args.src, cfg, {n: p.shape for n, p in empty_model(cfg, args.src).state_dict().items()}, where)
     method = method_of(args, cfg.family)
     mcs = method.name != "rtn" and not args.no_mcs
     if args.prefix_ratio is not None and not mcs:
@@ -102,9 +105,10 @@ def run(args: argparse.Namespace) -> Path:
     check_vocab(tokenizer, cfg.vocab_size, args.src)
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     windows = calibration_windows(tokenizer, calib, args.nsamples, seqlen, args.seed, eos)
+    # absolute paths: a --resume that spells SRC or --calib another way is the same conversion
     header = {
         "format": "qdllm", "qdllm_version": version("qdllm"),
-        "source": {"path": str(args.src), "config_sha256": sha256_file(args.src / "config.json")},
+        "source": {"path": str(args.src.resolve()), "config_sha256": sha256_file(args.src / "config.json")},
         "architecture": {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
                          for k, v in asdict(cfg).items()},
         "quantization": {"method": method.name, "bits": method.bits, "block_size": method.block_size,
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> Path:
                          "refine_rounds": method.refine_rounds if method.name == "quant-dllm" else None,
                          "percdamp": method.percdamp,
                          "storage": "bcq" if method.name == "quant-dllm" else "dense-fp16"},
-        "calibration": {"source": str(calib), "sha256": sha256_file(calib), "nsamples": args.nsamples,
+        "calibration": {"source": str(calib.resolve()), "sha256": sha256_file(calib), "nsamples": args.nsamples,
                         "seqlen": seqlen, "seed": args.seed, "mcs": mcs,
                         "mcs_prefix_ratio": prefix_ratio if mcs else None},
         "generation": {k: v for k, v in asdict(SamplingParams()).items()  # the sampler's defaults for this model

@@ -43,7 +43,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01,
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
-        raise ValueError("H has non-finite entries (NaN or inf in the calibration activations?)")
+        raise ValueError("H has non-finite entries: its calibration inputs hold NaN or inf (overflowing activations)")
     H = H.to(torch.float32, copy=True)
     diag = H.diagonal()
     dead = diag == 0

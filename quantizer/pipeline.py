@@ -47,7 +47,7 @@ def load_layer(src: Path, cfg: ModelConfig, i: int, device: torch.device) -> Dec
     """Layer i of the source checkpoint, in fp32 on the device."""
     layer = _empty_layer(cfg)
     shapes = {f"layers.{i}.{n}": p.shape for n, p in layer.state_dict().items()}
-    state = load_state(src, cfg, shapes, torch.float32, device)
+    state = load_state(src, cfg, shapes, torch.float32, device, finite=True)
     layer.load_state_dict({n.split(".", 2)[2]: t for n, t in state.items()}, assign=True)
     return layer.eval().requires_grad_(False)
 
@@ -100,9 +100,9 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     return (diff / ref.float().square().sum().clamp_min(1e-30)).sqrt().item()
 
 
-def quantize_layer(layer: DecoderLayer, calib: Calibration, method: Method,
+def quantize_layer(layer: DecoderLayer, i: int, calib: Calibration, method: Method,
                    device: torch.device) -> tuple[dict[str, QuantizedLinear], Tensor, float]:
-    """Quantize one layer in place, group by group; returns its linears, its quantized outputs, and their
+    """Quantize layer i in place, group by group; returns its linears, its quantized outputs, and their
     error relative to the full-precision layer on the same inputs."""
     reference = run_layer(layer, calib, device)
     done: dict[str, QuantizedLinear] = {}
@@ -110,7 +110,11 @@ def quantize_layer(layer: DecoderLayer, calib: Calibration, method: Method,
         H = group_hessian(layer, group, calib, device) if method.needs_calibration else None
         for name in group:
             linear = getattr(layer, name)
-            done[name] = method.quantize(linear.weight, H)
+            try:
+                done[name] = method.quantize(linear.weight, H)
+            except ValueError as e:  # H not finite (overflowing activations) or degenerate: name the linear
+                full = models.checkpoint_name(models.FAMILIES[layer.cfg.family], f"layers.{i}.{name}.weight")
+                raise ValueError(f"layer {i}, '{full}': {e}") from None
             linear.weight.data = done[name].weight.to(device)
     out = run_layer(layer, calib, device)
     return done, out, relative_error(out, reference)
@@ -148,7 +152,7 @@ def convert(src: Path, cfg: ModelConfig, ids: Tensor, method: Method, writer: Ar
     shards, which rebuilds the calibration activations bit for bit."""
     family = models.FAMILIES[cfg.family]
     embed = load_state(src, cfg, {"embed.weight": torch.Size([cfg.vocab_size, cfg.d_model])}, torch.float32,
-                       "cpu")["embed.weight"]
+                       "cpu", finite=True)["embed.weight"]
     calib = Calibration((embed[ids] * cfg.emb_scale).to(dtype), batch)
     del embed
     # `with` closes the bar on an error too, so that the error starts a line of its own
@@ -159,12 +163,12 @@ def convert(src: Path, cfg: ModelConfig, ids: Tensor, method: Method, writer: Ar
                 bar.set_postfix_str("resumed from its shard")
                 continue
             layer = load_layer(src, cfg, i, device)
-            quantized, calib.x, err = quantize_layer(layer, calib, method, device)
+            quantized, calib.x, err = quantize_layer(layer, i, calib, method, device)
             record = layer_record(i, quantized, err, layer)
             writer.write_layer(i, layer_tensors(layer, i, cfg, quantized, dtype), record)
             bar.set_postfix(bits=f"{record['effective_bits']:.3f}", err=f"{err:.4f}")
     globals_ = {models.checkpoint_name(family, n): t
-                for n, t in load_state(src, cfg, _global_shapes(cfg), dtype, "cpu").items()}
+                for n, t in load_state(src, cfg, _global_shapes(cfg), dtype, "cpu", finite=True).items()}
     writer.finish(src, globals_, summary(writer.layers))
 
 

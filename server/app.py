@@ -134,6 +134,10 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         except TemplateError as e:  # a template's raise_exception: e.g. roles that must alternate
             raise APIError(400, f"the model's chat template refuses these messages: {e}".splitlines()[0],
                            "messages") from None
+        except Exception as e:  # the template itself is broken on these messages: the server's fault, said plainly
+            log.error("the chat template fails: %s: %s", type(e).__name__, e)
+            raise APIError(500, f"the model's chat template fails on these messages ({type(e).__name__}: {e})"
+                           .splitlines()[0]) from None
         return await respond(request, req, [ids], chat=True)
 
     async def read_body(request: Request) -> bytes:
@@ -306,10 +310,10 @@ def submit_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e), headers={"Retry-After": "1"})
     if isinstance(e, EngineError):
         return APIError(503, str(e))
-    message = str(e).removeprefix("SamplingParams.")
-    param = ("max_tokens" if "context" in message else ("messages" if chat else "prompt") if "prompt" in message
-             else next((f for f in ("suffix", "cfg_scale", "steps", "logit_bias") if f in message), None))
-    return APIError(400, message, param)
+    param = getattr(e, "field", None)  # RequestError says which field; SamplingParams name it in the message
+    if param == "prompt" and chat:
+        param = "messages"
+    return APIError(400, str(e).removeprefix("SamplingParams."), param)
 
 
 async def merged(streams: list) -> AsyncIterator[tuple[int, RequestOutput | Exception]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from qdllm.engine import LLM, AsyncEngine, SamplingParams
+from qdllm.engine import LLM, AsyncEngine, EngineCore, SamplingParams
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.errors import ArgumentParser, CheckpointError, bounded, byte_size
 from qdllm.engine.kv_cache import PAGE
@@ -52,9 +52,10 @@ def parser() -> ArgumentParser:
     return ap
 
 
-def generation_defaults(path: Path) -> dict:
-    """The artifact's default generation settings (its manifest's `generation`), checked now rather than on the
-    first request; {} for a plain checkpoint. (The manifest itself was checked when the model loaded.)"""
+def generation_defaults(path: Path, engine: EngineCore) -> dict:
+    """The artifact's default generation settings (its manifest's `generation`), checked now, against this
+    engine too (a one-token prompt must fit), rather than on the first request; {} for a plain checkpoint.
+    (The manifest itself was checked when the model loaded.)"""
     file = path / MANIFEST
     if not file.is_file():
         return {}
@@ -64,9 +65,10 @@ def generation_defaults(path: Path) -> dict:
     known = {f.name for f in fields(SamplingParams)} - {"seed", "stop"}
     defaults = {k: v for k, v in generation.items() if k in known}
     try:
-        SamplingParams(**defaults)
+        engine.check([0], SamplingParams(**defaults))
     except ValueError as e:
-        raise CheckpointError(f"{file}: field 'generation': {e}") from None
+        where = f"generation.{e.field}" if getattr(e, "field", None) else "generation"
+        raise CheckpointError(f"{file}: field '{where}': {e}") from None
     return defaults
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
                   max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
                   cuda_graphs=args.cuda_graphs, kv_cache_memory=args.kv_cache_memory, chat_template=args.chat_template)
-        defaults = generation_defaults(args.model)
+        defaults = generation_defaults(args.model, llm.engine)
     except ValueError as e:  # CheckpointError and bad settings: one line each
         print(f"qdllm-serve: error: {e}", file=sys.stderr)
         sys.exit(2)

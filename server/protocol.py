@@ -14,7 +14,12 @@ from qdllm.engine.sampling import SEED_MAX, SEED_MIN
 from .errors import APIError
 
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
-DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos")
+DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos",
+                    "alg_temp", "schedule")
+# OpenAI fields that change nothing here (bookkeeping, routing): accepted and dropped. Any other field that the
+# schemas do not name is refused, so a misspelt setting ("threshhold") is not silently without effect.
+IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier")
 # OpenAI fields whose effect qdllm does not implement: refused when set to anything but their neutral value.
 UNSUPPORTED = {"best_of": (None, 1), "tools": (None, []), "functions": (None, []),
                "response_format": (None, {"type": "text"}), "tool_choice": (None, "none", "auto"),
@@ -27,6 +32,7 @@ UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list 
 
 
 class _Strict(BaseModel):
+    # Extra fields inside messages are ignored: clients send back assistant messages with fields of their own.
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
@@ -35,6 +41,7 @@ class StreamOptions(_Strict):
 
 
 class _Request(_Strict):
+    model_config = ConfigDict(extra="forbid")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -47,7 +54,6 @@ class _Request(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None
     steps: int | None = None
     block_length: int | None = None
     remasking: str | None = None
@@ -55,6 +61,8 @@ class _Request(_Strict):
     cfg_scale: float | None = None
     cache: str | None = None
     ignore_eos: bool | None = None
+    alg_temp: float | None = None
+    schedule: str | None = None
 
 
 class CompletionRequest(_Request):
@@ -134,7 +142,7 @@ def parse(body: bytes, schema: type[_Request]) -> _Request:
         if field in obj and not any(obj[field] == v and type(obj[field]) is type(v) for v in neutral):
             raise APIError(400, f"'{field}' is not supported by qdllm", field)
     try:
-        return schema.model_validate(obj)
+        return schema.model_validate({k: v for k, v in obj.items() if k not in IGNORED and k not in UNSUPPORTED})
     except ValidationError as e:
         raise _validation_error(e.errors()[0], obj) from None
 
@@ -152,6 +160,8 @@ def _validation_error(err: dict, obj: dict) -> APIError:
         return APIError(422, f"{path} must be an object, got {_show(err['input'])}", path)
     if err["type"] == "missing":
         return APIError(422, f"{path} is required", path)
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"'{path}' is not a parameter qdllm takes (see the README's server reference)", path)
     return APIError(422, f"{path}: {err['msg']}, got {_show(err['input'])}", path)
 
 

@@ -1,6 +1,8 @@
 """qdllm-convert end to end on tiny real-format checkpoints: the artifact, its loading, --resume, refusals."""
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -116,7 +118,9 @@ def test_quantized_model_stays_close_to_the_original(art, src):
     assert ((out - ref).norm() / ref.norm()).item() < 0.6
 
 
-def test_resume_after_an_interrupted_run_gives_identical_bytes(art, src, calib, tmp_path, monkeypatch):
+def test_resume_after_an_interrupted_run_gives_identical_bytes(art, src, calib, tmp_path, monkeypatch, capsys):
+    """Also when SRC and --calib are spelled another way: relative paths were refused as "different calibration,
+    source", naming no value."""
     out = tmp_path / "resumed"
     real = artifact_module.ArtifactWriter.write_layer
 
@@ -125,15 +129,19 @@ def test_resume_after_an_interrupted_run_gives_identical_bytes(art, src, calib, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(artifact_module.ArtifactWriter, "write_layer", crash_after_first_layer)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        convert(src, out, calib, "--abmp-ratio", "0.5")
+        main([os.path.relpath(src), "resumed", "--calib", os.path.relpath(calib), *BASE, "--abmp-ratio", "0.5"])
     assert e.value.code == 130 and not (out / MANIFEST).exists()
     monkeypatch.undo()
     with pytest.raises(SystemExit) as e:  # an unfinished conversion is not overwritten without --resume
         convert(src, out, calib, "--abmp-ratio", "0.5")
     assert e.value.code == 2
-    with pytest.raises(SystemExit):  # nor resumed with other settings
-        convert(src, out, calib, "--abmp-ratio", "0.25", "--resume")
+    capsys.readouterr()
+    refuse(capsys, [str(src), str(out), "--calib", str(calib), *BASE, "--abmp-ratio", "0.25", "--seed", "1",
+                    "--resume"],  # nor resumed with other settings, which are named
+           f"{out}: was started with other settings (calibration.seed was 0, now 1; quantization.abmp_ratio was 0.5, "
+           "now 0.25); convert again with the same settings, or remove the directory")
     convert(src, out, calib, "--abmp-ratio", "0.5", "--resume")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in art.iterdir())
     for p in art.iterdir():
@@ -264,19 +272,74 @@ def refuse_after_progress(capsys, argv, message):
     assert e.value.code == 2 and last.startswith("qdllm-convert: error: ") and message in last, last
 
 
-def test_a_conversion_that_fails_before_its_first_layer_leaves_nothing(src, calib, tmp_path, capsys):
-    """It left OUT holding only the resume state, so the same command, once fixed, was refused without
-    --resume (and with it, when the fix changed config.json)."""
+@pytest.mark.parametrize("method,value", [("rtn", float("nan")), ("gptq", float("inf")),
+                                          ("quant-dllm", float("-inf"))])
+def test_nan_or_inf_in_the_source_is_refused_and_leaves_nothing(src, calib, tmp_path, capsys, method, value):
+    """rtn wrote an artifact whose errors were all nan and exited 0; the others failed after calibrating, on
+    "H has non-finite entries", naming no tensor. A failure before the first layer is written left OUT holding
+    only the resume state, so the same command, once fixed, was refused without --resume."""
     bad = shutil.copytree(src, tmp_path / "bad")
     tensors = load_file(str(bad / "model.safetensors"))
-    del tensors["model.transformer.blocks.0.attn_norm.weight"]
+    tensors[Q + "weight"][3, 5] = value
     save_file(tensors, str(bad / "model.safetensors"))
     out = tmp_path / "out"
-    refuse_after_progress(capsys, [str(bad), str(out), "--calib", str(calib), *BASE], "missing tensor")
+    argv = [str(bad), str(out), "--calib", str(calib), *BASE, "--method", method]
+    message = f"qdllm-convert: error: {bad / 'model.safetensors'}: tensor '{Q}weight' holds NaN or inf"
+    refuse_after_progress(capsys, argv, message)
     assert not out.exists()
     out.mkdir()  # an empty OUT that was already there stays, empty
-    refuse_after_progress(capsys, [str(bad), str(out), "--calib", str(calib), *BASE], "missing tensor")
+    refuse_after_progress(capsys, argv, message)
     assert out.is_dir() and not any(out.iterdir())
+
+
+def test_overflowing_activations_name_the_layer_and_linear(tmp_path, calib, capsys):
+    """Layer 0's fp16 outputs overflow, so layer 1's inputs hold inf: the error named no layer or linear."""
+    bad = write_checkpoint(tmp_path / "fp16", "llada", dtype=torch.float16)
+    tensors = load_file(str(bad / "model.safetensors"))
+    down = "model.transformer.blocks.0.ff_out.weight"
+    tensors[down] = (tensors[down].float() * 3e4).clamp(-6e4, 6e4).half()
+    save_file(tensors, str(bad / "model.safetensors"))
+    refuse_after_progress(capsys, [str(bad), str(tmp_path / "out"), "--calib", str(calib), *BASE, "--method", "gptq"],
+                          "error: layer 1, 'model.transformer.blocks.1.attn_out.weight': H has non-finite entries: "
+                          "its calibration inputs hold NaN or inf (overflowing activations)")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("layers", "holds the weights of 2 layer(s), but {src}/config.json declares 3"),
+    ("missing", "{src}: missing tensor 'model.transformer.blocks.1.ff_norm.weight' (expected shape [64])"),
+    ("shape", ("{src}/model.safetensors: tensor 'model.transformer.blocks.1.ff_out.weight' has shape [64, 95], "
+               "expected [64, 96]")),
+])
+def test_checkpoint_tensors_are_checked_before_calibration(src, calib, tmp_path, capsys, case, message):
+    """A tensor missing or misshaped in a late layer (here the last) failed only when the conversion reached it,
+    hours in on a large model, leaving a partial OUT that --resume could never finish."""
+    bad = shutil.copytree(src, tmp_path / "bad")
+    if case == "layers":
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, "n_layers": 3}))
+    else:
+        tensors = load_file(str(bad / "model.safetensors"))
+        if case == "missing":
+            del tensors["model.transformer.blocks.1.ff_norm.weight"]
+        else:
+            name = "model.transformer.blocks.1.ff_out.weight"
+            tensors[name] = tensors[name][:, :95].contiguous()
+        save_file(tensors, str(bad / "model.safetensors"))
+    out = tmp_path / "out"
+    refuse(capsys, [str(bad), str(out), "--calib", str(calib), *BASE], message.format(src=bad))  # no progress bar
+    assert not out.exists()
+
+
+def test_shards_get_the_mode_of_the_other_files(src, calib, tmp_path):
+    """safetensors wrote the shards 0600, while config.json and qdllm.json were 0644: no other user could serve
+    the artifact."""
+    umask = os.umask(0o002)
+    try:
+        out = convert(src, tmp_path / "out", calib, "--method", "rtn")
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, oct(0o664)) and sum(n.endswith(".safetensors") for n in modes) == 3, modes
 
 
 @pytest.mark.parametrize("state", ["{", "[]", '{"header": 5, "layers": [], "shards": {}}',

@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from qdllm.engine import evaluate as evaluate_module
 from qdllm.engine import load_model
 from qdllm.engine.corpus import DataError, read_texts
 from qdllm.engine.evaluate import difference, evaluate, main, mask_counts, random_masks, windows_nll
+from qdllm.engine.model import DiffusionLM
 
 
 def exact_bound(model, x: torch.Tensor) -> float:
@@ -143,3 +147,83 @@ def test_installed_command_refuses_a_missing_model(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"qdllm-eval: error: {tmp_path / 'nope'}: not a directory (expected a Hugging Face " \
                                "checkpoint directory)"
+
+
+def scaled_head(llada_dir, tmp_path, factor: float) -> Path:
+    """A copy of the tiny checkpoint with its LM head scaled by `factor`."""
+    path = tmp_path / "model"
+    shutil.copytree(llada_dir, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.transformer.ff_out.weight"] *= factor
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_a_bound_beyond_float64_perplexity_is_printed_with_a_null_perplexity(llada_dir, tmp_path, capsys):
+    """exp(nll) overflows above about 709 nats: the result is still printed and written, as valid JSON."""
+    data, out = tmp_path / "text.txt", tmp_path / "out.json"
+    write_text(data)
+    main([str(scaled_head(llada_dir, tmp_path, 1e4)), "--data", str(data), "--mc", "2", "--json", str(out)])
+    printed, err = capsys.readouterr()
+    result = json.loads(printed, parse_constant=pytest.fail)  # NaN or Infinity would be invalid JSON
+    assert result == json.loads(out.read_text())
+    assert 709.8 < result["nll_per_token"] < math.inf and result["nll_stderr"] > 0
+    assert result["ppl_bound"] is None and result["ppl_stderr"] is None
+    assert "perplexity bound inf over 40 tokens" in err
+
+
+def test_a_model_with_nan_weights_is_refused_in_one_line(llada_dir, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    write_text(data)
+    with pytest.raises(SystemExit) as e:
+        main([str(scaled_head(llada_dir, tmp_path, math.nan)), "--data", str(data), "--mc", "2"])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (f"qdllm-eval: error: the model's logits are NaN or inf on {data}; check the "
+                                    "checkpoint's weights")
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_names_the_batch_size(llada_dir, tmp_path, capsys, monkeypatch, error):
+    data = tmp_path / "text.txt"
+    write_text(data)
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(DiffusionLM, "forward", fail)
+    with pytest.raises(SystemExit) as e:
+        main([str(llada_dir), "--data", str(data), "--mc", "2", "--batch-size", "64"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "qdllm-eval: error: out of memory with --batch-size 64; lower --batch-size"
+
+
+def test_other_runtime_errors_are_not_reported_as_out_of_memory(llada_dir, tmp_path, monkeypatch):
+    data = tmp_path / "text.txt"
+    write_text(data)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(DiffusionLM, "forward", fail)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main([str(llada_dir), "--data", str(data), "--mc", "2"])
+
+
+def test_a_batch_whose_logits_cannot_fit_is_refused_before_any_forward(llada_dir, tmp_path, capsys, monkeypatch):
+    """--mc 65536 with a huge --batch-size asks for one forward of every sample: on the CPU that was an OOM kill."""
+    data = tmp_path / "text.txt"
+    write_text(data)
+    forwards = []
+    monkeypatch.setattr(DiffusionLM, "forward", lambda *args: forwards.append(args))
+    monkeypatch.setattr(evaluate_module, "device_memory", lambda device: 10**9)
+    with pytest.raises(SystemExit) as e:  # 2 full windows x 65536 samples x 16 tokens x 128 logits x 16 bytes
+        main([str(llada_dir), "--data", str(data), "--mc", "65536", "--seqlen", "16", "--batch-size", "10000000000"])
+    assert e.value.code == 2 and forwards == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "qdllm-eval: error: out of memory with --batch-size 10000000000 (the float64 cross entropy of one forward "
+        "of 131072 samples needs 4.3 GB, and the cpu has 1.0 GB); lower --batch-size")

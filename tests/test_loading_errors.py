@@ -77,7 +77,7 @@ def test_missing_tensor(ckpt):
     tensors = load_file(str(ckpt / "model.safetensors"))
     del tensors["model.transformer.blocks.1.up_proj.weight"]
     save_file(tensors, str(ckpt / "model.safetensors"))
-    refused(ckpt, "missing tensor 'model.transformer.blocks.1.up_proj.weight'")
+    refused(ckpt, "missing tensor 'model.transformer.blocks.1.up_proj.weight' (expected shape [96, 64])")
 
 
 def test_misshaped_tensor(ckpt):
@@ -175,6 +175,12 @@ def test_config_with_fewer_layers_than_the_weights(ckpt):
     """Layer 1's tensors were silently dropped and a 1-layer model ran."""
     edit_config(ckpt, n_layers=1)
     refused(ckpt, "model.safetensors", "'model.transformer.blocks.1.", "config.json declares only 1 layer(s)")
+
+
+def test_config_with_more_layers_than_the_weights(ckpt):
+    """It failed on the first missing tensor, naming neither count."""
+    edit_config(ckpt, n_layers=3)
+    refused(ckpt, f"{ckpt}: holds the weights of 2 layer(s), but {ckpt / 'config.json'} declares 3")
 
 
 def test_a_checkpoint_folder_given_as_a_file(ckpt):
@@ -335,6 +341,9 @@ def test_serve_address_in_use(llada_dir, capsys):
 @pytest.mark.parametrize("generation,message", [
     ([1], "field 'generation' must be an object"),
     ({"temperature": -1}, "field 'generation': SamplingParams.temperature must be"),
+    ({"max_tokens": 10**9}, "field 'generation.max_tokens': prompt (1 tokens) plus canvas (1000000000: max_tokens "
+                            "rounded up to whole blocks) exceeds the model's context of 256 tokens"),
+    ({"cfg_scale": 1e39}, "field 'generation': SamplingParams.cfg_scale must be a number in [0, 100], got 1e+39"),
 ])
 def test_serve_bad_generation_defaults_name_the_manifest(ckpt, capsys, generation, message):
     manifest = {"format_version": 1, "shards": {"model.safetensors": sha256_file(ckpt / "model.safetensors")},

@@ -247,6 +247,16 @@ def test_models_health_and_metrics(server, client):
     # A prompt too long for the context is refused before it is tokenized (a 100 MB one took the server's memory).
     (json.dumps({"model": MODEL, "prompt": "a" * 200000}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": [5] * 3_000_000}).encode(), 413, None),  # over 8 MiB
+    # Unknown fields were dropped: a misspelt setting had no effect and no error.
+    (json.dumps({"model": MODEL, "prompt": "a", "threshhold": 0.9}).encode(), 400, "threshhold"),
+    (json.dumps({"model": MODEL, "prompt": "a", "alg_temp": -1}).encode(), 400, "alg_temp"),
+    (json.dumps({"model": MODEL, "prompt": "a", "schedule": "bogus"}).encode(), 400, "schedule"),
+    # Guidance near fp32's range gave NaN logits: a 500, or NaN in the JSON of a stream.
+    (json.dumps({"model": MODEL, "prompt": "a", "cfg_scale": 1e39}).encode(), 400, "cfg_scale"),
+    # Every request too long for the context was blamed on max_tokens.
+    (json.dumps({"model": MODEL, "prompt": [5] * 300, "max_tokens": 4}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "a", "suffix": " a" * 300, "max_tokens": 4}).encode(), 400, "suffix"),
+    (json.dumps({"model": MODEL, "prompt": [5] * 200, "max_tokens": 100}).encode(), 400, "max_tokens"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):
     r = httpx.post(server.url + "/v1/completions", content=body,
@@ -266,6 +276,25 @@ def test_bad_chat_requests_and_the_client_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="cache must be one of"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"cache": "paged"})
+    with pytest.raises(openai.BadRequestError, match="'suffix' is not a parameter qdllm takes"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"suffix": "x"})
+
+
+def test_openai_bookkeeping_fields_and_echoed_messages_are_accepted(client, llm):
+    """Fields that change nothing here are dropped, neutral values of unsupported ones pass, and an assistant
+    message sent back as the client got it (with `refusal` and `annotations`) is read for its content."""
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who is there?"}],
+                                           max_tokens=8, user="u1", store=False, metadata={"k": "v"},
+                                           parallel_tool_calls=False, tool_choice="none",
+                                           extra_body={"best_of": 1, "alg_temp": 0.0, "schedule": "linear"})
+    messages = [{"role": "user", "content": "Who is there?"}, reply.choices[0].message.model_dump(),
+                {"role": "user", "content": "Speak."}]
+    assert "refusal" in messages[1]
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    expected = llm.chat([{"role": m["role"], "content": m["content"]} for m in messages],
+                        SamplingParams(max_tokens=8))[0]
+    assert again.choices[0].message.content == expected.text
 
 
 @pytest.mark.parametrize("extra,error,message", [
@@ -325,7 +354,8 @@ def test_leaving_clients_and_template_refusals_leave_no_traceback(tmp_path):
     model = Path(shutil.copytree(ASSET, tmp_path / "model", ignore=shutil.ignore_patterns("data")))
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('tool "
-                               "messages are not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+                               "messages are not supported') }}{% endif %}{% if m['role'] == 'system' %}"
+                               "{{ m['content'] + 5 }}{% endif %}{{ m['content'] }}\n{% endfor %}")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     s = Server(model, "--served-model-name", "m")
     try:
@@ -339,6 +369,10 @@ def test_leaving_clients_and_template_refusals_leave_no_traceback(tmp_path):
             {"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
         assert "tool messages are not supported" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "m", "messages": [  # a broken template: a 500
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]})  # that says why
+        assert r.status_code == 500 and r.json()["error"]["message"].startswith(
+            "the model's chat template fails on these messages (TypeError: "), r.text
         r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "KING.\n", "max_tokens": 8}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
         time.sleep(1)  # the abandoned request's cancellation is logged, if at all, after it ends

@@ -75,3 +75,12 @@ def test_a_bad_chat_template_file_is_one_line(tmp_path, llada_dir):
     binary.write_bytes(b"\xff\xfe{{ x }}")
     with pytest.raises(CheckpointError, match=rf"^{binary}: the chat template does not read \(not UTF-8 text\)$"):
         load_tokenizer(llada_dir, binary)
+    empty = tmp_path / "empty.jinja"
+    empty.write_text(" \n")  # was taken as no template: chat used neither it nor the tokenizer's
+    with pytest.raises(CheckpointError, match=rf"^{empty}: the chat template is empty$"):
+        load_tokenizer(llada_dir, empty)
+    typed = tmp_path / "typed.jinja"
+    typed.write_text("{{ messages[0]['content'] + 5 }}")  # served, it failed every chat request with a 500
+    with pytest.raises(CheckpointError, match=rf"^{typed}: the chat template fails on a one-message conversation "
+                                              r"\(TypeError: .*\)$"):
+        load_tokenizer(llada_dir, typed)
