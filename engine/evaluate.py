@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> Result:
     if args.mc > MAX_MC:
         raise ValueError(f"--mc must be at most {MAX_MC}, got {args.mc}")
     texts = read_texts(args.data)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
     model = load_model(args.model, device=device, dtype=dtype, backend=args.backend)
     tokenizer = load_tokenizer(args.model)

@@ -20,19 +20,27 @@ BACKENDS = (*dispatch.BACKENDS, "dense")
 INDEX = "model.safetensors.index.json"
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on: the one asked for, checked to exist, else CUDA when present, else the CPU."""
+def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """The device to run on: the one asked for, checked to exist, else CUDA when present, else the CPU. `name`:
+    what errors call the setting (a CLI's flag)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} is not available on this machine")
+        raise ValueError(f"{name} {device!r} is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {device!r}")
     return dev
+
+
+def check_dir(path: Path, expected: str) -> None:
+    """Refuse a model path that is missing or not a folder, saying which, and what is `expected` there."""
+    if not path.is_dir():
+        problem = "not a directory" if path.exists() else "not found"
+        raise CheckpointError(f"{path}: {problem} (expected {expected})")
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -175,8 +183,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+    check_dir(path, "a Hugging Face checkpoint directory")
     if (path / "qdllm.json").exists():
         from .artifact import load_artifact  # the artifact reader builds on this module
         return load_artifact(path, device, dtype, backend)

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.prefix_ratio is not None and not mcs:
         raise ValueError("--prefix-ratio applies to MCS only (not with --no-mcs or --method rtn)")
     prefix_ratio = PREFIX_RATIO if args.prefix_ratio is None else args.prefix_ratio
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     seqlen = args.seqlen or min(cfg.max_seq_len, 4096)
     if seqlen > cfg.max_seq_len:
         raise ValueError(f"--seqlen must be at most the model's max_sequence_length ({cfg.max_seq_len}), got {seqlen}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -16,7 +17,7 @@ from qdllm.engine import LLM, AsyncEngine, EngineCore, SamplingParams
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.errors import ArgumentParser, CheckpointError, bounded, byte_size
 from qdllm.engine.kv_cache import PAGE
-from qdllm.engine.loader import BACKENDS, resolve_device
+from qdllm.engine.loader import BACKENDS, check_dir, resolve_device
 
 from .app import ServerConfig, create_app
 
@@ -93,20 +94,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.api_key is not None and not (args.api_key.strip() and args.api_key.isprintable()):
             raise ValueError("--api-key must be a non-empty printable string (an empty key would turn auth off)")
-        device = resolve_device(args.device)
+        if args.served_model_name is not None and not args.served_model_name.strip():
+            raise ValueError("--served-model-name must be a non-empty model id")
+        device = resolve_device(args.device, "--device")
         if args.cuda_graphs and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device; the device is {device}")
-        if not args.model.is_dir():
-            raise CheckpointError(f"{args.model}: not a directory (expected an artifact or a Hugging Face checkpoint "
-                                  "directory)")
+        check_dir(args.model, "an artifact or a Hugging Face checkpoint directory")
         check_bind(args.host, args.port)  # before the weights load, which can take minutes
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else None)
         llm = LLM(args.model, device=device, backend=args.backend, dtype=dtype, max_num_seqs=args.max_batch,
                   max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
                   cuda_graphs=args.cuda_graphs, kv_cache_memory=args.kv_cache_memory, chat_template=args.chat_template)
         defaults = generation_defaults(args.model, llm.engine)
-    except ValueError as e:  # CheckpointError and bad settings: one line each
-        print(f"qdllm-serve: error: {e}", file=sys.stderr)
+    except ValueError as e:  # CheckpointError and bad settings: one line each, naming the engine's settings as flags
+        message = re.sub(r"\b(kv_cache_memory|max_model_len)\b", lambda m: "--" + m[1].replace("_", "-"), str(e))
+        print(f"qdllm-serve: error: {message}", file=sys.stderr)
         sys.exit(2)
     engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
     config = ServerConfig(args.served_model_name or args.model.resolve().name, defaults, args.api_key, args.max_n)

@@ -90,6 +90,8 @@ class ChatMessage(_Strict):
         for field in ("tool_calls", "function_call"):
             if getattr(self, field):
                 raise APIError(400, f"{where}.{field} is not supported by qdllm", f"{where}.{field}")
+        if self.content is None and self.role != "assistant":  # an assistant turn may hold only tool calls
+            raise APIError(400, f"{where}.content is required in a '{self.role}' message", f"{where}.content")
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         for j, p in enumerate(self.content):
@@ -207,8 +209,12 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     """The engine's settings for choice `index`: the model's defaults, overridden by what the request sets.
     With a seed, choice i uses seed + i, so n > 1 samples differ and still reproduce."""
     fields = dict(defaults)
-    max_tokens = req.max_completion_tokens if isinstance(req, ChatRequest) and req.max_tokens is None \
-        else req.max_tokens
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        if max_tokens is not None and max_tokens != req.max_completion_tokens:
+            raise APIError(400, f"max_tokens ({max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) "
+                                "disagree; send one of them", "max_completion_tokens")
+        max_tokens = req.max_completion_tokens
     given = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
     given.update((f, getattr(req, f)) for f in DIFFUSION_FIELDS)

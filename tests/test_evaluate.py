@@ -126,7 +126,7 @@ def test_bad_data_files_are_refused_in_one_line(tmp_path, content, message):
 @pytest.mark.parametrize("args,message", [
     (["--mc", "0"], "--mc must be an integer at least 1, got '0'"),
     (["--seqlen", "9999"], "--seqlen must be at most the model's max_sequence_length (256), got 9999"),
-    (["--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (["--data", "missing.txt"], "missing.txt: not found"),
 ])
 def test_cli_refuses_bad_input_in_one_line(llada_dir, tmp_path, capsys, args, message):
@@ -145,7 +145,7 @@ def test_installed_command_refuses_a_missing_model(tmp_path):
     command = Path(sys.executable).parent / "qdllm-eval"
     r = subprocess.run([str(command), str(tmp_path / "nope"), "--data", str(data)], capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"qdllm-eval: error: {tmp_path / 'nope'}: not a directory (expected a Hugging Face " \
+    assert r.stderr.strip() == f"qdllm-eval: error: {tmp_path / 'nope'}: not found (expected a Hugging Face " \
                                "checkpoint directory)"
 
 

@@ -38,7 +38,9 @@ def edit_config(path, **changes):
 
 
 def test_not_a_directory(tmp_path):
-    refused(tmp_path / "nope", "nope", "not a directory")
+    refused(tmp_path / "nope", "nope", "not found")
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file", "file", "not a directory")
 
 
 def test_missing_config(ckpt):
@@ -324,7 +326,7 @@ def test_serve_settings_refused_at_start_up(llada_dir, capsys):
     base = [str(llada_dir), "--device", "cpu", "--port", "0"]
     cli_refused(serve_main, [*base, "--api-key", ""], capsys, "--api-key must be a non-empty printable string")
     cli_refused(serve_main, [*base, "--max-model-len", "257"], capsys,
-                "max_model_len must be in [1, 256] (the model's context), got 257")
+                "--max-model-len must be in [1, 256] (the model's context), got 257")
     cli_refused(serve_main, [*base, "--max-batch", str(2**64)], capsys, "--max-batch must be an integer in [1, 65536]")
 
 

@@ -310,6 +310,9 @@ def test_openai_bookkeeping_fields_and_echoed_messages_are_accepted(client, llm)
     ({"stop": ""}, openai.BadRequestError, r"stop must be .*, got an empty string"),
     ({"messages": ["hi"]}, openai.UnprocessableEntityError, 'messages.0 must be an object, got "hi"'),
     ({"stream_options": "yes"}, openai.UnprocessableEntityError, r"stream_options must be an object"),
+    ({"messages": [{"role": "user"}]}, openai.BadRequestError, r"messages.0.content is required in a 'user' message"),
+    ({"max_tokens": 8, "max_completion_tokens": 16}, openai.BadRequestError,
+     r"max_tokens \(8\) and max_completion_tokens \(16\) disagree"),
 ])
 def test_bad_chat_fields_are_named_as_sent(client, extra, error, message):
     kw = {"messages": [{"role": "user", "content": "hi"}]} | extra
@@ -428,15 +431,17 @@ def test_full_queue_gets_503_with_retry_after_and_sigint_stops_cleanly(llada_dir
     assert code == 0 and "Traceback" not in log
 
 
-@pytest.mark.parametrize("args,message", [(["/no/such/model"], "not a directory"),
+@pytest.mark.parametrize("args,message", [(["/no/such/model"], "/no/such/model: not found"),
                                           ([str(ASSET), "--port", "http"], "--port must be an integer"),
+                                          ([str(ASSET), "--served-model-name", " "], "--served-model-name must be"),
+                                          ([str(ASSET), "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
                                           ([str(ASSET), "--max-batch", "0"], "--max-batch must be"),
                                           ([str(ASSET), "--device", "cpu", "--cuda-graphs"],
                                            "--cuda-graphs needs a CUDA device; the device is cpu"),
                                           ([str(ASSET), "--kv-cache-memory", "lots"],
                                            "--kv-cache-memory must be a size such as 2GiB"),
                                           ([str(ASSET), "--device", "cpu", "--kv-cache-memory", "1MiB"],
-                                           ("kv_cache_memory: 1048576 bytes hold 48 positions (18432 bytes each, "
+                                           ("--kv-cache-memory: 1048576 bytes hold 48 positions (18432 bytes each, "
                                             "in pages of 16, plus one scratch position); a default request")),
                                           ([str(ASSET), "--device", "cpu", "--chat-template", "/no/such.jinja"],
                                            "/no/such.jinja: the chat template does not read (No such file")])
