@@ -68,7 +68,8 @@ def _load(path: Path) -> PreTrainedTokenizerBase:
                 return stock.from_pretrained(str(path), local_files_only=True)
             except Exception:
                 pass
-    raise CheckpointError(_bad_json(path) or f"{path}: tokenizer does not load ({first_error})")
+    raise CheckpointError(_bad_json(path) or _lacks_tokenizer_json(path) or
+                          f"{path}: tokenizer does not load ({first_error})")
 
 
 def _bad_json(path: Path) -> str | None:
@@ -99,11 +100,24 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
-def _names_own_code(path: Path) -> bool:
+def _tokenizer_config(path: Path) -> dict:
     try:
-        return "auto_map" in json.loads((path / "tokenizer_config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _names_own_code(path: Path) -> bool:
+    return "auto_map" in _tokenizer_config(path)
+
+
+def _lacks_tokenizer_json(path: Path) -> str | None:
+    """transformers' generic fast class reads tokenizer.json alone; without it, it tries converters whose errors
+    name packages (tiktoken, sentencepiece) that would not help."""
+    if (path / "tokenizer.json").is_file() or _tokenizer_config(path).get("tokenizer_class") != "PreTrainedTokenizerFast":
+        return None
+    return f"{path / 'tokenizer.json'}: not found (tokenizer_config.json names PreTrainedTokenizerFast, which reads it)"
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, path: str | Path) -> None:

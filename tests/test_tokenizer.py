@@ -1,12 +1,15 @@
 """Tokenizers load through AutoTokenizer, and never through code shipped in a checkpoint."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from tiny import write_checkpoint
 
 from qdllm.engine import LLM, CheckpointError, SamplingParams, load_tokenizer
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
+
+ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
 
 
 def test_autotokenizer_round_trip(llada_dir):
@@ -48,6 +51,17 @@ def test_llm_generate_accepts_strings(llada_dir):
 def test_missing_tokenizer_is_one_line(tmp_path):
     path = write_checkpoint(tmp_path, "llada", tokenizer=False)
     with pytest.raises(CheckpointError, match="tokenizer does not load"):
+        load_tokenizer(path)
+
+
+def test_a_fast_tokenizer_without_its_json_names_the_file(tmp_path):
+    """Without tokenizer.json, transformers' converters failed asking for tiktoken, which would not help."""
+    path = tmp_path / "model"
+    path.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(ASSET / name, path / name)
+    with pytest.raises(CheckpointError, match=rf"^{path / 'tokenizer.json'}: not found \(tokenizer_config.json names "
+                                              r"PreTrainedTokenizerFast, which reads it\)$"):
         load_tokenizer(path)
 
 
