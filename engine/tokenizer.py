@@ -115,7 +115,8 @@ def _names_own_code(path: Path) -> bool:
 def _lacks_tokenizer_json(path: Path) -> str | None:
     """transformers' generic fast class reads tokenizer.json alone; without it, it tries converters whose errors
     name packages (tiktoken, sentencepiece) that would not help."""
-    if (path / "tokenizer.json").is_file() or _tokenizer_config(path).get("tokenizer_class") != "PreTrainedTokenizerFast":
+    generic = _tokenizer_config(path).get("tokenizer_class") == "PreTrainedTokenizerFast"
+    if not generic or (path / "tokenizer.json").is_file():
         return None
     return f"{path / 'tokenizer.json'}: not found (tokenizer_config.json names PreTrainedTokenizerFast, which reads it)"
 
