@@ -10,6 +10,7 @@ steps when a slot and the token budget allow, and leave as soon as they finish, 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
 from .sampling import SamplingParams
 from .sequence import Sequence, Window, block_layout, footprint
+
+log = logging.getLogger("qdllm.engine")
 
 
 @dataclass
@@ -47,6 +50,11 @@ class EngineStats:
     def batch_occupancy(self) -> float:
         """Mean fraction of the sequence slots in use per step."""
         return self.occupancy_sum / self.steps if self.steps else 0.0
+
+
+def _fed(group: list[tuple[_Request, Window]]) -> int:
+    """Tokens a forward call of these plans feeds, padded to its longest row."""
+    return sum(r.seq.rows for r, _ in group) * max(w.hi - w.lo for _, w in group)
 
 
 def _too_long(prompt: int, suffix: int, room: int) -> str:
@@ -134,6 +142,7 @@ class EngineCore:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.aborts: set[str] = set()
+        self.oom_tokens: int | None = None  # the fewest tokens a forward fed when it ran out of device memory
         self.stats = EngineStats()
         self._ids = itertools.count()
 
@@ -163,9 +172,14 @@ class EngineCore:
         if isinstance(prompt, list) and not prompt:
             raise RequestError("a prompt must hold at least one token", "prompt")
         suffix = [] if suffix is None else suffix
+        mask = self.model.config.mask_token_id
         for name, ids in (("prompt", prompt), ("suffix", suffix)):
             if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
                 raise RequestError(f"a {name} must be a string or a list of token ids in [0, {vocab})", name)
+            if mask in ids:  # only the canvas is denoised (LLaDA's generate would also fill in a prompt's masks)
+                raise RequestError(f"a {name} must not hold the mask token (id {mask}, at token {ids.index(mask)}): "
+                                   f"only the canvas is filled in; for text between a prompt and a suffix, give "
+                                   f"the suffix", name)
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise RequestError(f"SamplingParams.logit_bias must name token ids in [0, {vocab}), got "
                                f"{params.logit_bias[-1][0]}", "logit_bias")
@@ -238,13 +252,16 @@ class EngineCore:
             return outputs
         plans = [(r, r.seq.window()) for r in self.running]
         occupancy = sum(r.seq.rows for r in self.running) / self.max_num_seqs
-        block_done: dict[int, bool] = {}  # by id(request)
+        block_done: dict[int, bool | None] = {}  # by id(request); None: its forward found no device memory
         for full in (True, False):
             for group in similar_lengths([(r, w) for r, w in plans if w.full == full]):
-                for (r, _), logits in zip(group, self._forward(group, full)):
-                    block_done[id(r)] = r.seq.advance(logits)
-        for r, _ in plans:  # in admission order, whichever call served them
-            if block_done[id(r)]:
+                for r, logits in self._forward_within_memory(group, full):
+                    block_done[id(r)] = None if logits is None else r.seq.advance(logits)
+        for r, w in plans:  # in admission order, whichever call served them
+            if block_done[id(r)] is None:
+                outputs.append(self._fail(r, f"the device ran out of memory for this request's forward of "
+                                             f"{_fed([(r, w)])} tokens, even alone"))
+            elif block_done[id(r)]:
                 outputs.append(self._finish_block(r))
         self.running = [r for r in self.running if r.seq is not None]
         st = self.stats
@@ -303,6 +320,32 @@ class EngineCore:
             busy += tokens
         self.stats.failed += len(failed)
         return failed
+
+    def _forward_within_memory(self, group: list[tuple[_Request, Window]],
+                               full: bool) -> list[tuple[_Request, Tensor | None]]:
+        """Each request of the group with its block logits. A call that runs out of device memory is run again in
+        halves, and from then on calls as large are halved before they run, down to single requests, which are
+        always tried; one that alone does not fit gets None. The retry runs after the except block, so the
+        failed call's activations are freed first."""
+        if len(group) == 1 or self.oom_tokens is None or _fed(group) < self.oom_tokens:
+            try:
+                return list(zip([r for r, _ in group], self._forward(group, full)))
+            except torch.OutOfMemoryError:
+                pass
+            self._out_of_memory(_fed(group))
+            if len(group) == 1:
+                return [(group[0][0], None)]
+        half = len(group) // 2
+        return self._forward_within_memory(group[:half], full) + self._forward_within_memory(group[half:], full)
+
+    def _out_of_memory(self, tokens: int) -> None:
+        """A forward of `tokens` fed tokens ran out of device memory: later calls are split to stay below it."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed call's blocks go back to the device, whole
+        if self.oom_tokens is None or tokens < self.oom_tokens:
+            self.oom_tokens = tokens
+            log.warning("a forward of %d tokens ran out of device memory; forward calls are split below that "
+                        "from now on", tokens)
 
     def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
         """One padded forward for the group; the block logits [rows, block, V] of each request. With CUDA
@@ -385,6 +428,13 @@ class EngineCore:
         nfe, logprobs = (r.seq.nfe, r.seq.logprobs(tokens)) if r.seq is not None else (0, None)
         return RequestOutput(r.id, r.prompt, tokens, text, delta_tokens, delta_text, reason is not None, reason,
                              nfe, r.stats, logprobs, error)
+
+    def _fail(self, r: _Request, error: str) -> RequestOutput:
+        """End a running request with finish_reason "error"; its output keeps what was already streamed."""
+        output = self._output(r, r.sent_tokens, r.sent_text, "error", error=error)
+        self._release(r)
+        self.stats.failed += 1
+        return output
 
     def _release(self, r: _Request) -> None:
         self.free_rows += r.seq.rows

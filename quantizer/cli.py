@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> Path:
                        if v is not None and k not in ("stop", "logit_bias")},
     }
     writer = ArtifactWriter(args.out, header, cfg.n_layers, args.resume)
+    if args.resume and writer.fresh:  # still started: a run that failed before writing OUT resumes the same way
+        print(f"qdllm-convert: --resume: OUT ({args.out}) holds no interrupted conversion; starting a new one",
+              file=sys.stderr)
     ids = mcs_batch(windows, cfg.mask_token_id, prefix_ratio, args.seed, enabled=mcs)
     dtype = cfg.torch_dtype or torch.float16
     try:

@@ -95,6 +95,17 @@ def group_hessian(layer: DecoderLayer, group: tuple[str, ...], calib: Calibratio
     return acc.H
 
 
+def check_finite(x: Tensor, batch: int, what: str) -> None:
+    """Refuse activations that overflowed the dtype they are kept in: the layer's relative error would be NaN
+    and the next layer would be calibrated (or, for rtn, measured) on NaN. One check for every method; within
+    a layer, a calibrated method's H check names the linear first. Batch by batch, to allocate little."""
+    for lo in range(0, len(x), batch):
+        if not torch.isfinite(x[lo:lo + batch]).all():
+            dtype = str(x.dtype).removeprefix("torch.")
+            raise ValueError(f"{what} hold NaN or inf in {dtype} on the calibration windows (overflowing "
+                             f"activations); the model must compute finite activations in {dtype}")
+
+
 def relative_error(out: Tensor, ref: Tensor) -> float:
     diff = (out.float() - ref.float()).square().sum()
     return (diff / ref.float().square().sum().clamp_min(1e-30)).sqrt().item()
@@ -117,6 +128,8 @@ def quantize_layer(layer: DecoderLayer, i: int, calib: Calibration, method: Meth
                 raise ValueError(f"layer {i}, '{full}': {e}") from None
             linear.weight.data = done[name].weight.to(device)
     out = run_layer(layer, calib, device)
+    check_finite(reference, calib.batch, f"layer {i}: its outputs")
+    check_finite(out, calib.batch, f"layer {i}: its quantized outputs")
     return done, out, relative_error(out, reference)
 
 
@@ -155,6 +168,7 @@ def convert(src: Path, cfg: ModelConfig, ids: Tensor, method: Method, writer: Ar
                        "cpu", finite=True)["embed.weight"]
     calib = Calibration((embed[ids] * cfg.emb_scale).to(dtype), batch)
     del embed
+    check_finite(calib.x, batch, "layer 0: its inputs (the embeddings of the calibration tokens)")
     # `with` closes the bar on an error too, so that the error starts a line of its own
     with tqdm(range(cfg.n_layers), desc="qdllm-convert", unit="layer", disable=not progress) as bar:
         for i in bar:

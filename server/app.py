@@ -73,7 +73,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error")
+        # no log here: Starlette raises the exception on to uvicorn, which logs its traceback once
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
     @app.get("/health")
@@ -292,8 +292,12 @@ class AuthAndCount:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
+        started = False
+
         async def counted(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests[(endpoint, message["status"])] += 1
             await send(message)
 
@@ -302,7 +306,12 @@ class AuthAndCount:
             if not secrets.compare_digest(given, self.expected):
                 e = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'")
                 return await error_response(e)(scope, receive, counted)
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # Starlette's catch-all handler answers 500 outside this middleware: count it here
+            if not started:  # once started, the client has its status (counted) and gets no 500
+                self.metrics.requests[(endpoint, 500)] += 1
+            raise
 
 
 def submit_error(e: Exception, chat: bool) -> APIError:

@@ -56,7 +56,7 @@ class Metrics:
             ("qdllm_engine_forwards_total", "counter", "Batched forward calls.", st.forwards),
             ("qdllm_aborted_requests_total", "counter", "Engine requests cancelled (client gone, shutdown).",
              st.aborted),
-            ("qdllm_failed_requests_total", "counter", "Engine requests that could not run (out of KV memory).",
+            ("qdllm_failed_requests_total", "counter", "Engine requests that could not run (out of device memory).",
              st.failed),
             ("qdllm_queue_depth", "gauge", "Requests accepted and not yet running.", engine.queue_depth),
             ("qdllm_running_requests", "gauge", "Requests being denoised.", st.running),

@@ -143,6 +143,7 @@ def test_resume_after_an_interrupted_run_gives_identical_bytes(art, src, calib, 
            f"{out}: was started with other settings (calibration.seed was 0, now 1; quantization.abmp_ratio was 0.5, "
            "now 0.25); convert again with the same settings, or remove the directory")
     convert(src, out, calib, "--abmp-ratio", "0.5", "--resume")
+    assert "holds no interrupted conversion" not in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in art.iterdir())
     for p in art.iterdir():
         if p.name == MANIFEST:
@@ -292,15 +293,46 @@ def test_nan_or_inf_in_the_source_is_refused_and_leaves_nothing(src, calib, tmp_
     assert out.is_dir() and not any(out.iterdir())
 
 
-def test_overflowing_activations_name_the_layer_and_linear(tmp_path, calib, capsys):
-    """Layer 0's fp16 outputs overflow, so layer 1's inputs hold inf: the error named no layer or linear."""
-    bad = write_checkpoint(tmp_path / "fp16", "llada", dtype=torch.float16)
+def overflowing(tmp_path, layer, dtype=torch.float16, scales=(("ff_out", 3e4),)):
+    """A copy of the tiny LLaDA with layer `layer`'s linears scaled, so that its activations overflow."""
+    bad = write_checkpoint(tmp_path / "overflowing", "llada", dtype=dtype)
     tensors = load_file(str(bad / "model.safetensors"))
-    down = "model.transformer.blocks.0.ff_out.weight"
-    tensors[down] = (tensors[down].float() * 3e4).clamp(-6e4, 6e4).half()
+    top = torch.finfo(dtype).max * 0.9  # large, but finite in the checkpoint
+    for linear, scale in scales:
+        name = f"model.transformer.blocks.{layer}.{linear}.weight"
+        tensors[name] = (tensors[name].float() * scale).clamp(-top, top).to(dtype)
     save_file(tensors, str(bad / "model.safetensors"))
+    return bad
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "quant-dllm"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_overflowing_activations_are_refused_naming_the_layer(tmp_path, calib, capsys, method, layer):
+    """The layer's fp16 outputs overflow. rtn, which builds no H, wrote an artifact whose relative errors were all
+    nan and exited 0; gptq and quant-dllm failed a layer later, on the next layer's H. A refusal keeps only the
+    layers before it, so that --resume refuses the same way rather than continuing from a half-written layer."""
+    bad = overflowing(tmp_path, layer)
+    out = tmp_path / "out"
+    argv = [str(bad), str(out), "--calib", str(calib), *BASE, "--method", method]
+    message = (f"error: layer {layer}: its outputs hold NaN or inf in float16 on the calibration windows "
+               "(overflowing activations); the model must compute finite activations in float16")
+    refuse_after_progress(capsys, argv, message)
+    if layer == 0:  # nothing written: OUT is removed, and the same command needs no --resume
+        assert not out.exists()
+        return
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == [artifact_module.PARTIAL, "model-00001-of-00003.safetensors"], kept
+    assert len(json.loads((out / artifact_module.PARTIAL).read_text())["layers"]) == 1
+    refuse_after_progress(capsys, [*argv, "--resume"], message)
+    assert sorted(p.name for p in out.iterdir()) == kept
+
+
+def test_non_finite_H_names_the_layer_and_linear(tmp_path, calib, capsys):
+    """Inside the layer, in fp32, up_proj's outputs are so large that down_proj's H overflows, while down_proj
+    scales them back to finite outputs: the error named no layer or linear."""
+    bad = overflowing(tmp_path, 0, torch.float32, (("up_proj", 1e25), ("ff_out", 1e-25)))
     refuse_after_progress(capsys, [str(bad), str(tmp_path / "out"), "--calib", str(calib), *BASE, "--method", "gptq"],
-                          "error: layer 1, 'model.transformer.blocks.1.attn_out.weight': H has non-finite entries: "
+                          "error: layer 0, 'model.transformer.blocks.0.ff_out.weight': H has non-finite entries: "
                           "its calibration inputs hold NaN or inf (overflowing activations)")
 
 
@@ -340,6 +372,20 @@ def test_shards_get_the_mode_of_the_other_files(src, calib, tmp_path):
         os.umask(umask)
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
     assert modes == dict.fromkeys(modes, oct(0o664)) and sum(n.endswith(".safetensors") for n in modes) == 3, modes
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_resume_without_an_interrupted_conversion_says_so(src, calib, tmp_path, capsys, existing):
+    """--resume where OUT does not exist (or is empty) silently started a new conversion. It still starts one,
+    since a run that failed before writing OUT is resumed by the same command, but says so first."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    convert(src, out, calib, "--method", "rtn", "--resume")
+    err = capsys.readouterr().err
+    assert err.startswith(f"qdllm-convert: --resume: OUT ({out}) holds no interrupted conversion; starting a new "
+                          "one\n"), err
+    assert (out / MANIFEST).exists() and not (out / artifact_module.PARTIAL).exists()
 
 
 @pytest.mark.parametrize("state", ["{", "[]", '{"header": 5, "layers": [], "shards": {}}',

@@ -10,6 +10,7 @@ from reference import llada_generate
 from tiny import MASK
 
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
+from qdllm.engine.errors import RequestError
 from qdllm.engine.scheduler import similar_lengths
 from qdllm.engine.sequence import Window
 from qdllm.engine.tokenizer import chat_prompt
@@ -268,6 +269,11 @@ def test_an_infill_denoises_the_canvas_between_prompt_and_suffix(llada_dir):
         core.add_request(prompt, params, suffix=[5] * 250)
     with pytest.raises(ValueError, match=r"a suffix must be a string or a list of token ids in \[0, 128\)"):
         core.add_request(prompt, params, suffix=[5, 500])
+    for field, ids in (("prompt", dict(prompt=[5, MASK, 7])), ("suffix", dict(prompt=prompt, suffix=[9, 9, MASK]))):
+        with pytest.raises(RequestError, match=rf"^a {field} must not hold the mask token \(id {MASK}, at token "
+                                               rf"{ids[field].index(MASK)}\): only the canvas is filled in") as e:
+            core.add_request(params=params, **ids)
+        assert e.value.field == field
 
 
 def test_a_kv_budget_allocates_the_pool_whole_and_changes_no_token(llada_dir):
@@ -324,6 +330,56 @@ def test_a_pool_that_runs_out_of_device_memory_makes_requests_wait_and_fails_onl
     assert core.stats.failed == 1 and core.stats.finished == len(requests)
     with pytest.raises(ValueError, match=re.escape(message)):
         core.add_request(*huge)
+
+
+def forward_room(monkeypatch, tokens: int) -> list[int]:
+    """From then on, forward calls run on a pretend device where a call of more than `tokens` padded tokens fails
+    as a CUDA allocation does; returns the padded tokens of every call tried."""
+    from qdllm.engine import scheduler
+    tried, run = [], scheduler.run_forward
+
+    def within(model, pool, full, ids, *rest):
+        tried.append(ids.numel())
+        if ids.numel() > tokens:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate activations for {ids.shape}")
+        return run(model, pool, full, ids, *rest)
+    monkeypatch.setattr(scheduler, "run_forward", within)
+    return tried
+
+
+def test_a_forward_that_runs_out_of_device_memory_is_split_and_later_calls_stay_below_it(
+        llada_dir, monkeypatch, caplog):
+    """Room for 40 tokens a call: every request fits alone (the CFG one feeds 2 x 18), the batch does not. The
+    calls that fail are run again in halves, the engine remembers the size that failed, and the requests give the
+    tokens they give alone."""
+    model = load_model(llada_dir)
+    solo = [alone(model, p, s) for p, s in REQUESTS]
+    tried = forward_room(monkeypatch, 40)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8)
+    ids = [core.add_request(p, s) for p, s in REQUESTS]
+    outputs = drain(core)
+    assert [outputs[i][-1].token_ids for i in ids] == [o.token_ids for o in solo]
+    assert core.stats.failed == 0 and core.stats.finished == len(REQUESTS)
+    failures = [t for t in tried if t > 40]
+    # each failure lowers the size that later calls stay below, so none is tried twice
+    assert len(failures) > 1 and failures == sorted(set(failures), reverse=True) and core.oom_tokens == failures[-1]
+    assert caplog.text.count("ran out of device memory; forward calls are split below that") == len(failures)
+
+
+def test_a_request_whose_forward_does_not_fit_even_alone_fails_alone(llada_dir, monkeypatch):
+    model = load_model(llada_dir)
+    big = ([5] * 60, SamplingParams(max_tokens=16, steps=8, block_length=8, ignore_eos=True))  # 76 tokens a forward
+    small = REQUESTS[0]
+    expected = alone(model, *small).token_ids
+    forward_room(monkeypatch, 40)
+    core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=4)
+    a, b = core.add_request(*small), core.add_request(*big)
+    outputs = drain(core)
+    assert outputs[a][-1].token_ids == expected and outputs[a][-1].finish_reason == "length"
+    (failed,) = outputs[b]
+    assert (failed.finished, failed.finish_reason, failed.token_ids) == (True, "error", [])
+    assert failed.error == "the device ran out of memory for this request's forward of 76 tokens, even alone"
+    assert core.stats.failed == 1 and core.free_rows == 4 and not core.has_unfinished()
 
 
 def test_a_kv_budget_that_cannot_hold_what_is_asked_is_refused(llada_dir):

@@ -30,10 +30,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *flags: str):
+    def __init__(self, model: Path, *flags: str, serve: tuple[str, ...] = (SERVE,)):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([SERVE, str(model), "--port", str(self.port), *flags],
+        self.proc = subprocess.Popen([*serve, str(model), "--port", str(self.port), *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -257,6 +257,9 @@ def test_models_health_and_metrics(server, client):
     (json.dumps({"model": MODEL, "prompt": [5] * 300, "max_tokens": 4}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": "a", "suffix": " a" * 300, "max_tokens": 4}).encode(), 400, "suffix"),
     (json.dumps({"model": MODEL, "prompt": [5] * 200, "max_tokens": 100}).encode(), 400, "max_tokens"),
+    # The mask token typed in the text was taken as a mask that nothing would fill in.
+    (json.dumps({"model": MODEL, "prompt": "Who is <|mdm_mask|>?"}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "a", "suffix": "<|mdm_mask|>"}).encode(), 400, "suffix"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):
     r = httpx.post(server.url + "/v1/completions", content=body,
@@ -279,6 +282,9 @@ def test_bad_chat_requests_and_the_client_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="'suffix' is not a parameter qdllm takes"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"suffix": "x"})
+    with pytest.raises(openai.BadRequestError, match=r"must not hold the mask token \(id 3, at token \d+\)") as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Fill <|mdm_mask|> in"}])
+    assert e.value.body["param"] == "messages"
 
 
 def test_openai_bookkeeping_fields_and_echoed_messages_are_accepted(client, llm):
@@ -382,6 +388,25 @@ def test_leaving_clients_and_template_refusals_leave_no_traceback(tmp_path):
     finally:
         code, log = s.stop()
     assert code == 0 and "Traceback" not in log, log
+
+
+def test_an_unexpected_error_is_a_500_and_is_counted():
+    """A handler that fails where nothing expects it gets the catch-all 500, which Starlette answers outside the
+    middleware that counts requests: it was missing from qdllm_requests_total."""
+    boom = ("from qdllm.server import app, cli\n"  # qdllm-serve whose requests fail once they are parsed
+            "def boom(*_):\n    raise RuntimeError('boom')\n"
+            "app.sampling_params = boom\ncli.main()\n")
+    s = Server(ASSET, "--served-model-name", "m", serve=(sys.executable, "-c", boom))
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "KING.\n", "max_tokens": 8})
+        metrics = httpx.get(s.url + "/metrics").text
+    finally:
+        code, log = s.stop()
+    assert r.status_code == 500, r.text
+    assert r.json() == {"error": {"message": "internal error: RuntimeError", "type": "internal_server_error",
+                                  "param": None, "code": 500}}
+    assert 'qdllm_requests_total{endpoint="/v1/completions",status="500"} 1\n' in metrics
+    assert code == 0 and "RuntimeError: boom" in log and log.count("Traceback") == 1, log  # logged once
 
 
 def test_32_concurrent_streams_complete_with_correct_usage(server, llm):
