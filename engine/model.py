@@ -42,6 +42,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> Tensor:
     return (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Bidirectional attention of q [B, L, H, D] over k, v [B, S, Hkv, D] -> [B, L, H * D].
+
+    With grouped K/V heads (Dream) and a key mask, torch's flash kernel refuses the mask and its memory-efficient
+    kernel the grouped heads, so `enable_gqa` falls back to the math kernel, which holds [B, H, L, S] scores
+    (cuDNN's, where torch prefers it, is the exception). On CUDA the query heads that share a K/V head are read
+    as extra query rows instead: plain attention over Hkv heads, which the memory-efficient kernel takes. The
+    CPU keeps `enable_gqa` and the numerics the tests pin."""
+    B, L, H, D = q.shape
+    groups = H // k.shape[2]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if groups == 1 or not q.is_cuda:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=groups > 1)
+        return out.transpose(1, 2).reshape(B, L, H * D)
+    return fold_groups(q, k, v, mask)
+
+
+def fold_groups(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """`attention` with query head h = j * groups + i read as row i * L + l of K/V head j (as `enable_gqa` pairs
+    them); k, v are [B, Hkv, S, D]."""
+    B, L, H, D = q.shape
+    hkv = k.shape[1]
+    q = q.view(B, L, hkv, H // hkv, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, H // hkv * L, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.view(B, hkv, H // hkv, L, D).permute(0, 3, 1, 2, 4).reshape(B, L, H * D)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -66,10 +93,7 @@ class DecoderLayer(nn.Module):
         v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        att = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
-            enable_gqa=cfg.n_kv_heads != cfg.n_heads)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
+        x = x + self.o_proj(attention(q, k, v, key_mask))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 

@@ -1,11 +1,13 @@
 """Native LLaDA and Dream against an independent float64 forward, plus the cache and subset paths."""
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import reference_logits
 from tiny import MASK, write_checkpoint
 
 from qdllm.engine import KVPool, load_model
 from qdllm.engine.kv_cache import PAGE
+from qdllm.engine.model import attention, fold_groups
 
 
 def random_ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
@@ -48,6 +50,35 @@ def test_tied_embeddings_need_no_lm_head(tmp_path):
     ids = random_ids(1, 12)
     ref = reference_logits(path, ids)
     assert (load_model(path)(ids).double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def grouped_heads(device: str, dtype: torch.dtype, B=2, L=5, S=9, H=6, hkv=2, D=8):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, h, D, generator=g).to(device, dtype) for n, h in ((L, H), (S, hkv), (S, hkv)))
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., 6:] = False  # row 0 attends over its first 6 keys only
+    return q, k, v, mask.to(device)
+
+
+def test_folding_query_heads_into_rows_is_grouped_query_attention():
+    """The CUDA path of Dream's attention (query heads sharing a K/V head read as extra query rows), run on the
+    CPU in float64 against torch's enable_gqa and against K/V repeated per query head, as the authors' code does."""
+    q, k, v, mask = grouped_heads("cpu", torch.float64)
+    folded = fold_groups(q, k.transpose(1, 2), v.transpose(1, 2), mask)
+    assert torch.allclose(folded, attention(q, k, v, mask), rtol=0, atol=1e-12)
+    rep = [t.repeat_interleave(3, dim=2).transpose(1, 2) for t in (k, v)]
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), *rep, attn_mask=mask).transpose(1, 2)
+    assert torch.allclose(folded, expected.reshape(2, 5, 48), rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_query_attention_with_a_key_mask_runs_in_the_memory_efficient_kernel_on_cuda():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v, mask = grouped_heads("cuda", torch.float16, L=32, S=96, H=28, hkv=4, D=128)
+    expected = fold_groups(*(t.double().cpu() for t in (q, k.transpose(1, 2), v.transpose(1, 2))), mask.cpu())
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # raises if the kernel cannot take the call
+        out = attention(q, k, v, mask)
+    assert (out.double().cpu() - expected).abs().max() < 2e-3
 
 
 def test_logits_for_a_subset_of_positions(model_dir):
