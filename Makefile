@@ -19,12 +19,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: install
 	$(VENV)/bin/pytest -q
 
-# The shipped model, converted to 2 bits with quant-dllm (about a minute on a CPU; --resume finishes an
-# interrupted conversion).
+# The shipped model, converted to 2 bits with quant-dllm (about a minute on a CPU). An interrupted
+# conversion (it leaves .qdllm-partial.json) is finished with --resume; an artifact older than the model
+# is made again. A newer qdllm does not redo it: the artifact format is versioned.
 ARTIFACT ?= build/shakespeare-2bit
+RESUME := $(if $(wildcard $(ARTIFACT)/.qdllm-partial.json),--resume)
 
-$(ARTIFACT)/qdllm.json: $(VENV)/.installed
-	$(VENV)/bin/qdllm-convert assets/llada-shakespeare $(ARTIFACT) --resume
+$(ARTIFACT)/qdllm.json: assets/llada-shakespeare/model.safetensors | $(VENV)/.installed
+	@if [ -f $@ ]; then echo "$(ARTIFACT) is older than the model: converting it again"; rm -rf $(ARTIFACT); fi
+	$(VENV)/bin/qdllm-convert assets/llada-shakespeare $(ARTIFACT) $(RESUME)
 
 demo: $(ARTIFACT)/qdllm.json
 	$(PY) examples/demo.py $(ARTIFACT)
