@@ -13,6 +13,11 @@ from pathlib import Path
 import torch
 
 
+def description(doc: str) -> str:
+    """A script's `--help` description: its docstring's first paragraph, on one line."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def environment(device: torch.device) -> dict:
     """Device name, library versions, the git commit and the date."""
     try:

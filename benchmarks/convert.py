@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import environment, write_results
+from common import description, environment, write_results
 from qdllm.engine.loader import resolve_device
 from qdllm.quantizer.hessian import HessianAccumulator
 from qdllm.quantizer.methods import METHODS, Method
@@ -90,7 +90,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--shapes", default=LLADA_8B, help="comma-separated NxK (out x in)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import environment, random_weight, write_results
+from common import description, environment, random_weight, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.artifact import read_manifest
@@ -158,7 +158,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--shape", choices=SHAPES, default=None, help="random weights of this shape")
     ap.add_argument("--model", default=None, help="a dense checkpoint (with --artifact: its 2-bit artifact)")
     ap.add_argument("--artifact", default=None)

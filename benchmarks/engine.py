@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import environment, write_results
+from common import description, environment, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.loader import resolve_device
@@ -70,7 +70,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("model", nargs="?", default="assets/llada-shakespeare")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)

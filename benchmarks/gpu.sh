@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu.sh [STEP[:LIMIT] ...]     default: every step, in this order
 #
-#   check          the kernel and CUDA graph tests on CUDA (tests/test_kernels.py, tests/test_cuda_graphs.py)
+#   check          the kernel, CUDA graph and model tests on CUDA (tests/test_{kernels,cuda_graphs,models}.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import environment, random_weight
+from common import description, environment, random_weight
 
 SHAPES = {  # (N out, K in) of every distinct decoder linear
     "llada": {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 4096),
@@ -146,7 +146,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--models", default="llada,dream", help="comma-separated: llada, dream")
     ap.add_argument("--ms", default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
     ap.add_argument("--block-size", type=int, default=128)

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import shakespeare
-from common import environment
+from common import description, environment
 from qdllm.engine import load_model, load_tokenizer
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.corpus import read_texts, token_stream
@@ -108,7 +108,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("model", type=Path, help="HF checkpoint folder (with data/test.txt and data/calibration.txt)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--data", type=Path, default=None, help="held-out text (default: MODEL/data/test.txt)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from common import environment, write_results
+from common import description, environment, write_results
 from qdllm.engine.loader import resolve_device
 from shakespeare import speeches
 
@@ -123,7 +123,7 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("model", nargs="?", default=None, help="artifact or checkpoint to serve (omit with --url)")
     ap.add_argument("--url", default=None, help="a running server instead of starting one")
     ap.add_argument("--server-args", default="--max-batch 16", help="extra qdllm-serve flags when starting one")

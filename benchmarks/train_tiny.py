@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 import shakespeare
-from common import git_commit
+from common import description, git_commit
 from qdllm.engine import models as families
 from qdllm.engine.loader import read_config
 from qdllm.engine.model import DiffusionLM
@@ -203,7 +203,7 @@ def evaluate(model: DiffusionLM, val: torch.Tensor, s: Settings, mask_id: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--out", type=Path, required=True, help="model folder to write (HF layout)")
     for field, value in asdict(Settings()).items():
         if not isinstance(value, tuple):

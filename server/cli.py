@@ -49,7 +49,9 @@ def parser() -> ArgumentParser:
     ap.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
                     help="a Jinja chat template instead of the tokenizer's (a base model has none)")
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
-    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                    help="the lowest level of log messages printed, qdllm's and uvicorn's (default info: the start-up "
+                         "lines and one line per finished request)")
     return ap
 
 
