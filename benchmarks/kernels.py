@@ -3,25 +3,36 @@
     python benchmarks/kernels.py [--models llada,dream] [--ms 1,8,16,32,64,128,256,512,1024] [--repeats 5]
 
 Needs a CUDA GPU. Weights are random packed weights with ABMP's mix (5% of blocks order 1, 5% order 3,
-the rest order 2: exactly 2 planes on average) and bf16 activations. Each time is the median of
-triton.testing.do_bench, repeated; the record keeps min/median/max over the repeats. The ideal speedup is
-min(16/b_eff, max(1, R/M)) with R = measured bf16 FLOP/s over measured copy bandwidth (above R/M < 1
-a dense fallback still gives 1). GB/s counts the bytes a call must move: the packed weight (dense bf16
-for torch) plus x and y. "dense" is the dispatcher's large-M path (the dequantize kernel writes Ŵᵀ, then
-torch.matmul). The record ends with a suggested DispatchConfig for this GPU: the fastest packed path at
-each M.
+the rest order 2: exactly 2 planes on average) and bf16 activations. Every path is timed three ways, each
+repeated, and the record keeps min/median/max over the repeats:
+- `time_ms`: the median of triton.testing.do_bench, eager, as an engine without CUDA graphs sees a call.
+  A call's time there is its GPU time or the host's time to launch it, whichever is longer;
+- `gpu_time_ms`: the GPU time alone: 64 calls captured in one CUDA graph and replayed, cycling through
+  copies of the weight that together exceed any GPU's L2, so every call reads its weight from memory, as
+  each layer of a forward does;
+- `host_ms`: the host's time to launch one call (Python, the dispatcher, Triton's launcher, torch's
+  allocations), from back-to-back calls that do not wait for the GPU.
+Speedups over torch are given for the eager and the GPU times; the ideal speedup is
+min(16/b_eff, max(1, R/M)) with R = measured bf16 FLOP/s over measured copy bandwidth (above R/M < 1 a
+dense fallback still gives 1). GB/s counts the bytes a call must move (the packed weight, dense bf16 for
+torch, plus x and y) over its GPU time. "dense" is the dispatcher's large-M path (the dequantize kernel
+writes Ŵᵀ, then torch.matmul). The record ends with a suggested DispatchConfig for this GPU: the packed
+path with the least GPU time at each M (the host's launch time is about the same for every path).
 Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
 import re
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,50 +48,119 @@ SHAPES = {  # (N out, K in) of every distinct decoder linear
 GEMV_MAX_M = 256  # the split-K launch is not timed above this (one program covers at most 64 rows)
 FMA_MAX_M = 8  # nor its FMA variant above this (one program covers at most 2 rows)
 KERNELS = ("gemv", "gemv_per_plane", "gemv_fma", "tile", "tile_per_plane", "dense")  # dense: dequantize + matmul
+GRAPH_CALLS = 64  # calls per CUDA graph in the GPU timing
+COLD_BYTES = 256 * 2**20  # weight copies a graph cycles through: five times an H100's or H200's 50 MB L2
+HOST_CALLS = 50  # back-to-back calls per host timing
 
 
-def timed(fn, repeats: int) -> dict:
-    """ms: min/median/max over `repeats` do_bench medians; the first call (autotuning) is not timed."""
+def spread(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> dict:
+    """ms, eager: min/median/max over `repeats` do_bench medians; the first call (autotuning) is not timed."""
     from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
-    times = [do_bench(fn, return_mode="median") for _ in range(repeats)]
-    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+    return spread([do_bench(fn, return_mode="median") for _ in range(repeats)])
 
 
-def measure(w, dense_t: torch.Tensor, ref: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
-    """One (shape, M) point: every path's time, speedup over torch, GB/s, the tile each autotuned to, and
-    each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel is not timed
-    as a fast one)."""
+def gpu_timed(fns: list[Callable[[], object]], repeats: int) -> dict:
+    """ms per call on the GPU: GRAPH_CALLS calls cycling through `fns` (the same call on distinct weight copies)
+    captured in one CUDA graph, so no launch is timed; min/median/max over `repeats` replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # first calls outside the capture: autotuning, cuBLAS workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(GRAPH_CALLS):
+            fns[i % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / GRAPH_CALLS)
+    del graph
+    torch.cuda.empty_cache()
+    return spread(times)
+
+
+def host_timed(fn: Callable[[], object], repeats: int) -> dict:
+    """ms per call to launch `fn`: HOST_CALLS calls back to back, without waiting for the GPU in between."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        times.append((time.perf_counter() - start) * 1e3 / HOST_CALLS)
+    torch.cuda.synchronize()
+    return spread(times)
+
+
+def copies(t: torch.Tensor | object, nbytes: int) -> list:
+    """`t` and clones of it at other addresses, enough that together they exceed COLD_BYTES (at most GRAPH_CALLS)."""
+    n = min(GRAPH_CALLS, math.ceil(COLD_BYTES / nbytes))
+    if isinstance(t, torch.Tensor):
+        return [t] + [t.clone() for _ in range(n - 1)]
+    return [t] + [dataclasses.replace(t, planes=t.planes.clone(), alpha_r=t.alpha_r.clone(),
+                                      alpha_c=t.alpha_c.clone(), plane_ptr=t.plane_ptr.clone())
+                  for _ in range(n - 1)]
+
+
+def packed_bytes(w) -> int:
+    return sum(t.numel() * t.element_size() for t in (w.planes, w.alpha_r, w.alpha_c, w.plane_ptr))
+
+
+def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
+    """One (shape, M) point: every path's eager, GPU and host time, speedups over torch, GB/s, the tile each
+    autotuned to, and each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel
+    is not timed as a fast one). `ws` and `dense_ts` are copies of one packed and one dense weight."""
     from qdllm.kernels import bcq, bcq_linear
 
+    w = ws[0]
     n, k = w.out_features, w.in_features
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    runs = {"torch_bf16": (lambda: torch.matmul(x, dense_t), None), "dispatch": (lambda: bcq_linear(x, w), None),
-            "tile": (lambda: bcq.bcq_tile(x, w), bcq._tile_kernel),
-            "tile_per_plane": (lambda: bcq.bcq_tile(x, w, "per_plane"), bcq._tile_kernel),
-            "dense": (lambda: bcq.bcq_dense(x, w), None)}
+    # name -> (the call on a given packed and dense weight, the autotuner it runs)
+    paths = {"torch_bf16": (lambda w, d: torch.matmul(x, d), None),
+             "dispatch": (lambda w, d: bcq_linear(x, w), None),
+             "tile": (lambda w, d: bcq.bcq_tile(x, w), bcq._tile_kernel),
+             "tile_per_plane": (lambda w, d: bcq.bcq_tile(x, w, "per_plane"), bcq._tile_kernel),
+             "dense": (lambda w, d: bcq.bcq_dense(x, w), None)}
     if m <= GEMV_MAX_M:
-        runs |= {"gemv": (lambda: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
-                 "gemv_per_plane": (lambda: bcq.bcq_gemv(x, w, "per_plane"), bcq._gemv_kernel)}
+        paths |= {"gemv": (lambda w, d: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
+                  "gemv_per_plane": (lambda w, d: bcq.bcq_gemv(x, w, "per_plane"), bcq._gemv_kernel)}
     if m <= FMA_MAX_M:
-        runs["gemv_fma"] = (lambda: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
-    times, tiles, errors = {}, {}, {}
+        paths["gemv_fma"] = (lambda w, d: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
+    times, gpu_times, host_times, tiles, errors = {}, {}, {}, {}, {}
     y_ref = x.float() @ ref.T
-    for name, (fn, autotuner) in runs.items():
+    for name, (call, autotuner) in paths.items():
+        fn = functools.partial(call, w, dense_ts[0])
         times[name] = timed(fn, repeats)
+        weights = [(d, d) for d in dense_ts] if name == "torch_bf16" else [(c, None) for c in ws]
+        gpu_times[name] = gpu_timed([functools.partial(call, *wd) for wd in weights], repeats)
+        host_times[name] = host_timed(fn, repeats)
         if name != "torch_bf16":
             errors[name] = ((fn().float() - y_ref).norm() / y_ref.norm()).item()
         if autotuner is not None:  # best_config is the one for the call just made
             tiles[name] = str(autotuner.best_config)
-    packed = sum(t.numel() * t.element_size() for t in (w.planes, w.alpha_r, w.alpha_c, w.plane_ptr))
-    moved = {name: (2 * n * k if name == "torch_bf16" else packed) + 2 * m * (k + n) for name in times}
-    gbps = {name: moved[name] / (t["median"] * 1e6) for name, t in times.items()}
-    base = times["torch_bf16"]["median"]
+    moved = {name: (2 * n * k if name == "torch_bf16" else packed_bytes(w)) + 2 * m * (k + n) for name in times}
+    gbps = {name: moved[name] / (t["median"] * 1e6) for name, t in gpu_times.items()}
     return {
-        "N": n, "K": k, "M": m, "effective_bits": w.effective_bits, "time_ms": times,
-        "speedup": {name: base / t["median"] for name, t in times.items() if name != "torch_bf16"},
+        "N": n, "K": k, "M": m, "effective_bits": w.effective_bits, "time_ms": times, "gpu_time_ms": gpu_times,
+        "host_ms": host_times,
+        "speedup": {name: times["torch_bf16"]["median"] / t["median"] for name, t in times.items()
+                    if name != "torch_bf16"},
+        "gpu_speedup": {name: gpu_times["torch_bf16"]["median"] / t["median"] for name, t in gpu_times.items()
+                        if name != "torch_bf16"},
         "GBps": gbps, "fraction_of_copy_bandwidth": {name: v / limits["copy_GBps"] for name, v in gbps.items()},
         "ideal_speedup": min(16 / w.effective_bits, max(1.0, limits["ridge_R"] / m)), "autotuned": tiles,
         "relative_error": errors,
@@ -101,9 +181,9 @@ def device_limits(repeats: int) -> dict:
 
 
 def suggest(rows: list[dict], ms: list[int]) -> dict:
-    """Crossovers for DispatchConfig from the geometric mean time over shapes of each path at each M."""
+    """Crossovers for DispatchConfig from the geometric mean GPU time over shapes of each path at each M."""
     def geo(m: int, name: str) -> float:
-        ts = [r["time_ms"][name]["median"] for r in rows if r["M"] == m and name in r["time_ms"]]
+        ts = [r["gpu_time_ms"][name]["median"] for r in rows if r["M"] == m and name in r["gpu_time_ms"]]
         return math.exp(statistics.fmean(math.log(t) for t in ts)) if ts else math.inf
 
     best = {m: min(KERNELS, key=lambda name: geo(m, name)) for m in ms}
@@ -129,8 +209,10 @@ def plot(file: Path, record: dict) -> None:
     for ax, (model, shape) in zip(axes.flat, shapes):
         rows = [r for r in record["rows"] if (r["model"], r["shape"]) == (model, shape)]
         for name in (*KERNELS, "dispatch"):
-            pts = [(r["M"], r["speedup"][name]) for r in rows if name in r["speedup"]]
+            pts = [(r["M"], r["gpu_speedup"][name]) for r in rows if name in r["gpu_speedup"]]
             ax.plot(*zip(*pts), marker="o", ms=3, label=name, linewidth=2.5 if name == "dispatch" else 1)
+        eager = [(r["M"], r["speedup"]["dispatch"]) for r in rows]
+        ax.plot(*zip(*eager), ":", color="gray", linewidth=2, label="dispatch, eager (host launch included)")
         ax.plot([r["M"] for r in rows], [r["ideal_speedup"] for r in rows], "k--", label="ideal")
         ax.axhline(1, color="gray", linewidth=0.5)
         ax.set_xscale("log", base=2)
@@ -138,7 +220,7 @@ def plot(file: Path, record: dict) -> None:
         ax.set_xlabel("M (tokens)")
     for ax in axes.flat[len(shapes):]:
         ax.axis("off")
-    axes[0, 0].set_ylabel("speedup over torch bf16 matmul")
+    axes[0, 0].set_ylabel("GPU-time speedup over torch bf16 matmul")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"BCQ kernels on {record['environment']['device']}")
     fig.tight_layout()
@@ -181,7 +263,9 @@ def main() -> None:
     config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
     settings = {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
                 "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
-                "gemv_timed_up_to_M": GEMV_MAX_M, "dispatch_config": dataclasses.asdict(config)}
+                "gemv_timed_up_to_M": GEMV_MAX_M, "fma_timed_up_to_M": FMA_MAX_M, "graph_calls": GRAPH_CALLS,
+                "cold_weight_bytes": COLD_BYTES, "host_calls": HOST_CALLS,
+                "dispatch_config": dataclasses.asdict(config)}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,14 +273,15 @@ def main() -> None:
     with tqdm(total=len(jobs) * len(ms), unit="point") as bar:
         for i, (model, shape, n, k) in enumerate(jobs):
             w = random_weight(n, k, args.block_size, args.seed + i, torch.device("cuda"))
-            dense_t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).T
+            ws = copies(w, packed_bytes(w))
+            dense_ts = [t.T for t in copies(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 2 * n * k)]
             ref = dequantize(w, torch.float32)
             for m in ms:
                 bar.set_description(f"{model} {shape} M={m}")
-                rows.append({"model": model, "shape": shape, **measure(w, dense_t, ref, m, args.repeats, limits)})
+                rows.append({"model": model, "shape": shape, **measure(ws, dense_ts, ref, m, args.repeats, limits)})
                 bar.update()
             # Written after every shape, so a run stopped by a time limit keeps what it measured.
-            del ref
+            del ref, ws, dense_ts
             record = {"environment": env, "device_limits": limits, "settings": settings,
                       "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms)}
             out.with_suffix(".json").write_text(json.dumps(record, indent=1))
@@ -204,8 +289,11 @@ def main() -> None:
                 plot(out.with_suffix(".png"), record)
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
     for r in rows:
-        print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch {r['speedup']['dispatch']:5.2f}x  "
-              f"ideal {r['ideal_speedup']:5.2f}x  best {max(r['speedup'].values()):5.2f}x  "
+        gpu, host = r["gpu_time_ms"]["dispatch"]["median"], r["host_ms"]["dispatch"]["median"]
+        print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch: GPU {gpu * 1e3:6.1f} µs "
+              f"({r['gpu_speedup']['dispatch']:5.2f}x), launch {host * 1e3:6.1f} µs, eager "
+              f"{r['speedup']['dispatch']:5.2f}x  ideal {r['ideal_speedup']:5.2f}x  "
+              f"best GPU {max(r['gpu_speedup'].values()):5.2f}x  "
               f"worst relative error {max(r['relative_error'].values()):.1e}")
     print(f"suggested DispatchConfig for {env['device']!r}: {record['suggested_config']}")
     print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if have_plot else ""))
