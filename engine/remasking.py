@@ -41,13 +41,30 @@ def propose(logits: Tensor, temperature: float, top_p: float, remasking: str,
     return x0, conf
 
 
-def select(conf: Tensor, count: int, threshold: float | None, alg_temp: float, gen: torch.Generator) -> Tensor:
+def select(conf: Tensor, count: int, threshold: float | None, factor: float | None, alg_temp: float,
+           gen: torch.Generator) -> Tensor:
     """Indices into `conf` to commit this step."""
     if threshold is not None:  # Fast-dLLM: the most confident always, plus all that reach the threshold
         order = conf.argsort(descending=True)
         keep = conf[order] >= threshold
         keep[0] = True
         return order[keep]
+    if factor is not None:
+        return order_by_factor(conf, factor)
     if alg_temp > 0:  # Dream: sample positions without replacement
         return torch.multinomial((conf / alg_temp).softmax(-1), count, replacement=False, generator=gen)
     return conf.topk(count).indices
+
+
+def order_by_factor(conf: Tensor, factor: float) -> Tensor:
+    """Fast-dLLM's dynamic rule: the n-th most confident (n = 1, 2, ...) is committed while its confidence is at
+    least 1 - factor / (n + 1), the first against -1; at least one is committed, and all of them when only the
+    last falls short (the reference's count after its loop)."""
+    order = conf.argsort(descending=True)
+    n = torch.arange(1, len(conf) + 1, dtype=torch.float64, device=conf.device)
+    need = 1 - factor / (n + 1)
+    need[0] = -1.0
+    k = int((conf[order] >= need).cumprod(0).sum())  # the leading run that meets its bound
+    if k == 0 or k == len(conf) - 1:
+        k += 1
+    return order[:k]

@@ -32,7 +32,7 @@ class SamplingParams:
 
     max_tokens:   tokens to generate; the canvas is this rounded up to whole blocks.
     steps:        denoising steps over the whole canvas, split evenly across blocks
-                  (default: one token per step). With `threshold` it is ignored: each block runs until done.
+                  (default: one token per step). Ignored with `threshold` or `factor`.
     block_length: semi-autoregressive block size; one longer than max_tokens shrinks to it (one global
                   block, as Dream decodes).
     temperature:  0 is greedy; above 0, Gumbel-max sampling in float64.
@@ -43,6 +43,10 @@ class SamplingParams:
                   Dream's names maskgit_plus and topk_margin are accepted.
     threshold:    Fast-dLLM parallel decoding: commit every token whose confidence reaches it, and always
                   the most confident one.
+    factor:       Fast-dLLM's dynamic parallel decoding: with the block's masked tokens ranked by confidence,
+                  commit the n-th (n = 1, 2, ...) while its confidence is at least 1 - factor / (n + 1); always
+                  the most confident one, and, as Fast-dLLM does, all of them when only the last falls short.
+                  Not with `threshold`. Either of the two ignores `steps`: each block runs until done.
     cfg_scale:    classifier-free guidance, 0 to 100; the unconditional pass masks the prompt (costs 2 nfe a step).
     cache:        none (full forward every step), prefix or dual (Fast-dLLM's caches, refreshed per block).
     seed:         seeds this request's own generator, so results do not depend on other requests.
@@ -68,6 +72,7 @@ class SamplingParams:
     top_p: float = 1.0
     remasking: str = "low_confidence"
     threshold: float | None = None
+    factor: float | None = None
     cfg_scale: float = 0.0
     cache: str = "none"
     seed: int | None = None
@@ -94,6 +99,10 @@ class SamplingParams:
         check("remasking", self.remasking in REMASKING, f"one of {list(REMASKING) + list(REMASKING_ALIASES)}")
         check("threshold", self.threshold is None or (_is_num(self.threshold) and 0 < self.threshold <= 1),
               "null or a number in (0, 1]")
+        check("factor", self.factor is None or (_is_num(self.factor) and self.factor > 0), "null or a number > 0")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("SamplingParams.factor must be null when threshold is set: they are two rules for the "
+                             "same choice; set one of them")
         check("cfg_scale", _is_num(self.cfg_scale) and 0 <= self.cfg_scale <= MAX_CFG, f"a number in [0, {MAX_CFG}]")
         check("cache", self.cache in CACHES, f"one of {list(CACHES)}")
         check("seed", self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
@@ -119,3 +128,9 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((int(i), float(b)) for i, b in bias)))
         check("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"null or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def parallel(self) -> bool:
+        """Fast-dLLM parallel decoding (a threshold or a factor): confidence decides each step's commits, and
+        `steps` is ignored."""
+        return self.threshold is not None or self.factor is not None

@@ -190,7 +190,7 @@ class EngineCore:
             raise RequestError(f"prompt ({len(prompt)} tokens) plus canvas ({block * n_blocks}: max_tokens rounded "
                                f"up to whole blocks){with_suffix} exceeds {self.limit}",
                                _too_long(len(prompt), len(suffix), self.max_model_len))
-        if params.steps is not None and params.threshold is None and params.steps < n_blocks:
+        if params.steps is not None and not params.parallel and params.steps < n_blocks:
             raise RequestError(f"SamplingParams.steps ({params.steps}) must be at least the number of blocks "
                                f"({n_blocks})", "steps")
         if rows > self.max_num_seqs:

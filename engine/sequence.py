@@ -74,7 +74,7 @@ class Sequence:
         self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
         self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
         self.block_steps = (split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
-                            if params.threshold is None else None)  # a threshold runs each block until done
+                            if not params.parallel else None)  # parallel decoding runs each block until done
         self.nfe = 0
         self.b = -1
         self.next_block()
@@ -126,11 +126,11 @@ class Sequence:
         if p.presence_penalty or p.frequency_penalty or p.logit_bias:
             masked_logits = self._adjust(masked_logits)
         x0, conf = propose(masked_logits, p.temperature, p.top_p, p.remasking, self.gen)
-        if p.remasking == "origin" and p.threshold is None:
+        if p.remasking == "origin" and not p.parallel:
             ratio = commit_probability(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
             chosen = (torch.rand(self.masked.shape, device=x0.device, generator=self.gen) < ratio).nonzero()[:, 0]
         else:
-            chosen = select(conf, self.count, p.threshold, p.alg_temp, self.gen)
+            chosen = select(conf, self.count, p.threshold, p.factor, p.alg_temp, self.gen)
         self.x[self.start + self.masked[chosen]] = x0[chosen]
         if self.logprob is not None:
             self._record_logprobs(logits[self.masked[chosen]], x0[chosen], self.start + self.masked[chosen])
@@ -171,20 +171,20 @@ class Sequence:
         """Start the next block. Every block has a step that commits: the last step takes all the rest."""
         self.b += 1
         self.step, self.refresh = 0, True
-        self.steps = self.block_steps[self.b] if self.params.threshold is None else self.block
+        self.steps = self.block_steps[self.b] if not self.params.parallel else self.block
         self.n_start = int((self.x[self.start: self.end] == self.mask).sum())
         self._settle()
 
     def _settle(self) -> bool:
         """Skip the steps that would commit nothing (a forward would change nothing); True when the block
         is finished. A committed token can itself be the mask id (neither reference forbids it), so a block
-        ends when no masks remain or its step budget is spent; with a threshold, one step per position."""
+        ends when no masks remain or its step budget is spent; in parallel decoding, one step per position."""
         while self.step < self.steps:
             self.masked = (self.x[self.start: self.end] == self.mask).nonzero()[:, 0]
             if self.masked.numel() == 0:
                 return True
             self.count = 0
-            if self.params.threshold is None:
+            if not self.params.parallel:
                 self.count = commit_count(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
                 if self.count == 0 and self.params.remasking != "origin":
                     self.step += 1

@@ -14,8 +14,10 @@ from qdllm.engine.sampling import SEED_MAX, SEED_MIN
 from .errors import APIError
 
 # The diffusion settings a request may carry beside the OpenAI fields (DESIGN.md, "Server").
-DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "cfg_scale", "cache", "ignore_eos",
-                    "alg_temp", "schedule")
+DIFFUSION_FIELDS = ("steps", "block_length", "remasking", "threshold", "factor", "cfg_scale", "cache",
+                    "ignore_eos", "alg_temp", "schedule")
+# Two rules for one choice: a request that sets one replaces a default of the other.
+EXCLUSIVE = (("threshold", "factor"), ("factor", "threshold"))
 # OpenAI fields that change nothing here (bookkeeping, routing): accepted and dropped. Any other field that the
 # schemas do not name is refused, so a misspelt setting ("threshhold") is not silently without effect.
 IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -58,6 +60,7 @@ class _Request(_Strict):
     block_length: int | None = None
     remasking: str | None = None
     threshold: float | None = None
+    factor: float | None = None
     cfg_scale: float | None = None
     cache: str | None = None
     ignore_eos: bool | None = None
@@ -219,6 +222,9 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
     given.update((f, getattr(req, f)) for f in DIFFUSION_FIELDS)
     fields.update((k, v) for k, v in given.items() if v is not None)
+    for rule, other in EXCLUSIVE:
+        if given[rule] is not None and given[other] is None:
+            fields.pop(other, None)
     if req.stop is not None:
         fields["stop"] = req.stop
     if req.logit_bias is not None:

@@ -126,3 +126,36 @@ def dream_generate(model, prompt: list[int], steps: int, gen_length: int, alg: s
             cand[masked] = x0
             x[0, idx] = cand[idx]
     return x[0, P:].tolist()
+
+
+def fast_dllm_generate(model, prompt: list[int], gen_length: int, block_length: int, mask_id: int,
+                       threshold: float | None = None, factor: float | None = None) -> tuple[list[int], int]:
+    """Fast-dLLM's generate() without a cache at temperature 0, with its threshold or its dynamic factor rule:
+    each block is denoised until no mask is left, one whole-canvas forward a step. Returns (tokens, nfe)."""
+    P = len(prompt)
+    x = torch.full((1, P + gen_length), mask_id)
+    x[0, :P] = torch.tensor(prompt)
+    nfe = 0
+    for s in range(P, P + gen_length, block_length):
+        e = s + block_length
+        while (x[0, s:e] == mask_id).any():
+            logits = model(x)[0]
+            nfe += 1
+            x0 = logits.argmax(-1)
+            conf = torch.softmax(logits.double(), -1).gather(-1, x0[:, None])[:, 0]
+            masked = [i for i in range(s, e) if x[0, i] == mask_id]
+            ranked = sorted(masked, key=lambda i: -conf[i].item())
+            if threshold is not None:  # the most confident, then every other that reaches the threshold
+                take = ranked[:1] + [i for i in ranked[1:] if conf[i] >= threshold]
+            else:  # walk down the ranking until a token misses its bound 1 - factor / (n + 1)
+                top = 0
+                for top, i in enumerate(ranked):
+                    bound = -1.0 if top == 0 else 1 - factor / (top + 2)
+                    if conf[i].item() < bound:
+                        break
+                if top == 0 or top == len(ranked) - 1:
+                    top += 1
+                take = ranked[:top]
+            for i in take:
+                x[0, i] = x0[i]
+    return x[0, P:].tolist(), nfe

@@ -1,10 +1,11 @@
 """The block denoiser: parity with the reference algorithms, the commit schedule and the policies."""
 import pytest
 import torch
-from reference import dream_generate, llada_generate
+from reference import dream_generate, fast_dllm_generate, llada_generate
 from tiny import MASK
 
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
+from qdllm.engine.remasking import order_by_factor
 from qdllm.engine.schedule import commit_count, split_steps
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
@@ -124,6 +125,28 @@ def test_threshold_selects_exactly_those_above(llada_dir):
     assert sorted(first) == sorted(p.topk(3).indices.tolist())
 
 
+@pytest.mark.parametrize("rule", [{"threshold": 0.4}, {"threshold": 0.5}, {"factor": 1.0}, {"factor": 2.5}])
+def test_parallel_decoding_matches_fast_dllm_generate(llada, rule):
+    """Without a cache, threshold and factor decoding equal Fast-dLLM's generate() in tokens and forwards. Each
+    rule here commits several tokens in some steps and one in others (2 blocks of 8: 2 < nfe < 16)."""
+    ref, nfe = fast_dllm_generate(llada.model, PROMPT, 16, 8, MASK, **rule)
+    out = llada.generate(PROMPT, SamplingParams(max_tokens=16, block_length=8, ignore_eos=True, **rule))[0]
+    assert (out.token_ids, out.nfe) == (ref, nfe)
+    assert 2 < nfe < 16
+
+
+@pytest.mark.parametrize("conf,factor,chosen", [
+    ([0.9, 0.2, 0.99, 0.7], 1.0, [2, 0]),  # bounds -1, 2/3, 3/4, 4/5: the third misses
+    ([0.9, 0.95, 0.99, 0.1], 1.0, [2, 1, 0, 3]),  # only the last misses: all of them, as Fast-dLLM counts
+    ([0.3, 0.1], 1.0, [0, 1]),  # the second misses and is the last
+    ([0.5], 1.0, [0]),
+    ([0.5, 0.4, 0.3], 0.1, [0]),  # the second's bound is 1 - 0.1/3
+    ([-2.0, -3.0, -4.0], 1.0, [0]),  # below even the first bound (entropy scores): still one
+])
+def test_factor_rule(conf, factor, chosen):
+    assert order_by_factor(torch.tensor(conf, dtype=torch.float64), factor).tolist() == chosen
+
+
 @pytest.mark.parametrize("remasking", ["low_confidence", "random", "entropy", "margin", "origin"])
 def test_every_policy_fills_the_canvas(llada, remasking):
     params = SamplingParams(max_tokens=16, steps=8, block_length=8, remasking=remasking, temperature=0.7,
@@ -224,16 +247,23 @@ def test_logit_bias_bans_and_forces_tokens(llada):
                                          ("top_p", float("nan")), ("cfg_scale", float("inf")), ("logprobs", 21),
                                          ("logprobs", -1), ("logprobs", True), ("presence_penalty", 2.5),
                                          ("frequency_penalty", float("nan")), ("logit_bias", {5: 101}),
-                                         ("logit_bias", {"5": 1}), ("logit_bias", {-1: 0})])
+                                         ("logit_bias", {"5": 1}), ("logit_bias", {-1: 0}), ("factor", 0),
+                                         ("factor", -1.0), ("factor", float("nan")), ("factor", "1")])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
 
 
-def test_steps_are_ignored_with_a_threshold(llada):
+def test_threshold_and_factor_are_not_both_set():
+    with pytest.raises(ValueError, match=r"^SamplingParams.factor must be null when threshold is set"):
+        SamplingParams(threshold=0.9, factor=1.0)
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.5}, {"factor": 1.0}])
+def test_steps_are_ignored_in_parallel_decoding(llada, rule):
     """Fewer steps than blocks once failed when the request was admitted, although a threshold ignores them."""
-    params = SamplingParams(max_tokens=16, block_length=4, threshold=0.5, ignore_eos=True)
-    with_steps = SamplingParams(max_tokens=16, block_length=4, threshold=0.5, steps=2, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True, **rule)
+    with_steps = SamplingParams(max_tokens=16, block_length=4, steps=2, ignore_eos=True, **rule)
     assert llada.generate(PROMPT, with_steps)[0].token_ids == llada.generate(PROMPT, params)[0].token_ids
 
 

@@ -177,11 +177,12 @@ def test_echo_starts_each_text_with_its_prompt(client, llm):
         client.completions.create(model=MODEL, prompt="KING.\n", max_tokens=8, echo=True, logprobs=1)
 
 
-def test_steps_is_ignored_with_a_threshold(client, llm):
+@pytest.mark.parametrize("rule", [{"threshold": 0.5}, {"factor": 1.0}])
+def test_steps_is_ignored_in_parallel_decoding(client, llm, rule):
     """Fewer steps than blocks failed in the engine thread when a threshold was set, and the request hung."""
     out = client.with_options(timeout=60).completions.create(
-        model=MODEL, prompt="KING.\n", max_tokens=16, extra_body={"block_length": 4, "threshold": 0.5, "steps": 2})
-    ref = llm.generate("KING.\n", SamplingParams(max_tokens=16, block_length=4, threshold=0.5))[0]
+        model=MODEL, prompt="KING.\n", max_tokens=16, extra_body={"block_length": 4, "steps": 2, **rule})
+    ref = llm.generate("KING.\n", SamplingParams(max_tokens=16, block_length=4, **rule))[0]
     assert out.choices[0].text == ref.text
 
 
@@ -251,6 +252,8 @@ def test_models_health_and_metrics(server, client):
     (json.dumps({"model": MODEL, "prompt": "a", "threshhold": 0.9}).encode(), 400, "threshhold"),
     (json.dumps({"model": MODEL, "prompt": "a", "alg_temp": -1}).encode(), 400, "alg_temp"),
     (json.dumps({"model": MODEL, "prompt": "a", "schedule": "bogus"}).encode(), 400, "schedule"),
+    (json.dumps({"model": MODEL, "prompt": "a", "factor": 0}).encode(), 400, "factor"),
+    (json.dumps({"model": MODEL, "prompt": "a", "factor": 1.0, "threshold": 0.9}).encode(), 400, "factor"),
     # Guidance near fp32's range gave NaN logits: a 500, or NaN in the JSON of a stream.
     (json.dumps({"model": MODEL, "prompt": "a", "cfg_scale": 1e39}).encode(), 400, "cfg_scale"),
     # Every request too long for the context was blamed on max_tokens.
@@ -491,10 +494,15 @@ def test_serves_a_converted_artifact_with_its_default_settings(tmp_path, shipped
         chunks = client.chat.completions.create(model="shakespeare-2bit", messages=messages, max_tokens=32,
                                                 stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # A request's factor replaces the default threshold, where both would be refused.
+        factor = client.chat.completions.create(model="shakespeare-2bit", messages=messages, max_tokens=32,
+                                                extra_body={"factor": 1.0})
     finally:
         code, log = s.stop()
-    ref = LLM(art, device="cpu", dtype=torch.float32).chat(
-        messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
-    assert text == ref.text and text
+    llm = LLM(art, device="cpu", dtype=torch.float32)
+    by_threshold = llm.chat(messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", threshold=0.5))[0]
+    assert text == by_threshold.text and text
+    by_factor = llm.chat(messages, SamplingParams(max_tokens=32, block_length=8, cache="dual", factor=1.0))[0]
+    assert factor.choices[0].message.content == by_factor.text != by_threshold.text
     assert code == 0 and "Traceback" not in log
     assert "KV pool: 208 positions in pages of 16, 0.00359 GiB, allocated; max_model_len 208" in log
