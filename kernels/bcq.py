@@ -162,7 +162,7 @@ def _configs(launch: str) -> list[triton.Config]:
     if launch == "gemv":  # down to one K-block per program: the H100 tuner took the finest split it was offered
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": kb}, num_warps=w)
                 for bm in SPLIT_BLOCK_M for bn in (32, 64, 128, 256) for kb in (1, 2, 4, 8) for w in (2, 4)
-                if bm * bn <= 4096]
+                if bm * bn <= 2048 * w]  # at most 64 accumulator registers a thread: wider tiles spill
     if launch == "fma":  # the accumulator holds BLOCK_M x 32 x BLOCK_N fp32: at most 128 registers a thread
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_BLOCKS": kb}, num_warps=w)
                 for bm in FMA_BLOCK_M for bn in (64, 128, 256) for kb in (1, 2) for w in (1, 2, 4)
