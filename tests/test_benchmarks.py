@@ -2,6 +2,7 @@
 on the shipped model and its 2-bit artifact."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,3 +57,16 @@ def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     positions = [round(x["kv_pool_gb"] * 1e9) / 18432 for x in record["results"]]  # fp32: 18432 bytes a position
     assert all(p > 1 and (p - 1) % 16 == 0 for p in positions), positions  # whole pages and the scratch
     assert [row["weights"] for row in record["fits"]].count("2bit") == len(record["fits"]) // 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's compiler")
+def test_sass_count_finds_the_plane_and_step_loops(tmp_path):
+    """The dequantize kernel compiled for sm_90 and disassembled: its plane loop nests in its 32-column step
+    loop, and the count per weight is of the order the kernel's unpacking takes (about one warp-instruction)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_count.py"), "--launches", "dequantize",
+                        "--out", str(tmp_path / "count")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "count.json").read_text())["rows"]
+    assert row["launch"] == "dequantize" and row["registers"] > 0
+    assert 0 < row["plane_loop"] < row["plane_loop"] + row["step_rest"] < row["instructions"]
+    assert 0.2 < row["warp_instructions_per_weight"] < 5
