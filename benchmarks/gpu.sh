@@ -41,7 +41,7 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"
 
 run_step() {
     case $1 in
-        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_cuda_graphs.py tests/test_models.py -k "not compile_for_gpus" ;;
+        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;

@@ -15,7 +15,8 @@ repeated, and the record keeps min/median/max over the repeats:
 Speedups over torch are given for the eager and the GPU times; the ideal speedup is
 min(16/b_eff, max(1, R/M)) with R = measured bf16 FLOP/s over measured copy bandwidth (above R/M < 1 a
 dense fallback still gives 1). GB/s counts the bytes a call must move (the packed weight, dense bf16 for
-torch, plus x and y) over its GPU time. "dense" is the dispatcher's large-M path (the dequantize kernel
+torch, plus x and y) over its GPU time. "mma" is the Gluon kernel (kernels/bcq_mma.py), used by the dispatcher
+up to the measured `mma_max_m`; "dense" is the dispatcher's large-M path (the dequantize kernel
 writes Ŵᵀ, then torch.matmul). The record ends with a suggested DispatchConfig for this GPU: the packed
 path with the least GPU time at each M (the host's launch time is about the same for every path).
 Writes JSON and a PNG to benchmarks/results/.
@@ -45,9 +46,9 @@ SHAPES = {  # (N out, K in) of every distinct decoder linear
     "dream": {"q/o 3584x3584": (3584, 3584), "k/v 512x3584": (512, 3584), "gate/up 18944x3584": (18944, 3584),
               "down 3584x18944": (3584, 18944)},
 }
-GEMV_MAX_M = 256  # the split-K launch is not timed above this (one program covers at most 64 rows)
+GEMV_MAX_M = 256  # the split-K and mma launches are not timed above this (one program covers at most 64 rows)
 FMA_MAX_M = 8  # nor its FMA variant above this (one program covers at most 2 rows)
-KERNELS = ("gemv", "gemv_per_plane", "gemv_fma", "tile", "tile_per_plane", "dense")  # dense: dequantize + matmul
+KERNELS = ("mma", "gemv", "gemv_per_plane", "gemv_fma", "tile", "tile_per_plane", "dense")  # dense: dequantize + matmul
 GRAPH_CALLS = 64  # calls per CUDA graph in the GPU timing
 COLD_BYTES = 256 * 2**20  # weight copies a graph cycles through: five times an H100's or H200's 50 MB L2
 HOST_CALLS = 50  # back-to-back calls per host timing
@@ -124,7 +125,7 @@ def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, r
     """One (shape, M) point: every path's eager, GPU and host time, speedups over torch, GB/s, the tile each
     autotuned to, and each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel
     is not timed as a fast one). `ws` and `dense_ts` are copies of one packed and one dense weight."""
-    from qdllm.kernels import bcq, bcq_linear
+    from qdllm.kernels import bcq, bcq_linear, bcq_mma
 
     w = ws[0]
     n, k = w.out_features, w.in_features
@@ -136,7 +137,8 @@ def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, r
              "tile_per_plane": (lambda w, d: bcq.bcq_tile(x, w, "per_plane"), bcq._tile_kernel),
              "dense": (lambda w, d: bcq.bcq_dense(x, w), None)}
     if m <= GEMV_MAX_M:
-        paths |= {"gemv": (lambda w, d: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
+        paths |= {"mma": (lambda w, d: bcq_mma.bcq_mma(x, w), bcq_mma._kernel),
+                  "gemv": (lambda w, d: bcq.bcq_gemv(x, w), bcq._gemv_kernel),
                   "gemv_per_plane": (lambda w, d: bcq.bcq_gemv(x, w, "per_plane"), bcq._gemv_kernel)}
     if m <= FMA_MAX_M:
         paths["gemv_fma"] = (lambda w, d: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
@@ -191,6 +193,7 @@ def suggest(rows: list[dict], ms: list[int]) -> dict:
     dense_min_m = min(dense_from) if dense_from else 2 * max(ms)
     kernel_ms = [m for m in ms if m < dense_min_m]
     return {"best_path_per_M": best,
+            "mma_max_m": max((m for m in kernel_ms if best[m] == "mma"), default=0),
             "fma_max_m": max((m for m in kernel_ms if best[m] == "gemv_fma"), default=0),
             "gemv_max_m": max((m for m in kernel_ms if best[m].startswith("gemv")), default=0),
             "plane_dot_max_m": max((m for m in kernel_ms if best[m].endswith("per_plane")), default=0),

@@ -1,6 +1,6 @@
 """SASS count: warp-instructions per weight of every autotuned BCQ tile, from the compiled code; no GPU needed.
 
-    python benchmarks/sass_count.py [--arch 90] [--dtype bf16] [--launches gemv,fma,dequantize]
+    python benchmarks/sass_count.py [--arch 90] [--dtype bf16] [--launches gemv,fma,dequantize,mma]
 
 The kernels are bound by instruction issue on unpacking (DEVELOPERS.md, "kernels/, file by file"), so this
 count ranks tiles and kernel changes before a GPU times them. Every configuration of the split-K ("gemv")
@@ -8,7 +8,9 @@ and FMA launches, in each of their variants, and the dequantize kernel, is compi
 target and disassembled with the nvdisasm that Triton ships. A program with K_BLOCKS = 1 (one K-block of
 G = 128 columns) runs the code outside its loops once, its 32-column step loop G/32 times, and the plane
 loop inside it once a plane: 2.05 times a block with ABMP's mix (5% of blocks order 1, 5% order 3), or once
-fewer where the code takes the first plane before the loop (the dequantize paths). That count over the
+fewer where the code takes the first plane before the loop (the dequantize paths). The Gluon "mma" launch
+(kernels/bcq_mma.py) has no 32-column step loop: its plane loop covers the whole block, after a first plane
+outside it. That count over the
 weights the program covers is the figure; the issue time at full rate is the count times the weights over
 (SMs x 4 schedulers x clock), given for a 4096x4096 weight on an H100 (132 SMs, 1.755 GHz). These are
 counts, not times: latency, occupancy and memory traffic are not modelled. Writes JSON to
@@ -64,15 +66,30 @@ def per_weight(sass: str, steps: int, trips: float, warps: int, weights: int) ->
             "h100_issue_us_4096x4096": count / weights * 4096 * 4096 / H100_ISSUE * 1e6}
 
 
-def compile_one(fn, signature: dict, constants: dict, warps: int, arch: int, tools: Path, tmp: Path) -> tuple[str, dict]:
-    """SASS and resource usage (registers, stack bytes) of one specialisation."""
+def per_weight_block(sass: str, trips: float, warps: int, weights: int) -> dict:
+    """As `per_weight`, for a program whose one loop inside the K-block loop is the plane loop over the block."""
+    total, spans = loops(sass)
+    plane = min(spans, key=lambda s: s[1] - s[0])
+    n_plane = plane[1] - plane[0] + 1
+    count = warps * (total - n_plane + trips * n_plane)
+    return {"instructions": total, "plane_loop": n_plane, "outside_plane_loop": total - n_plane,
+            "warp_instructions_per_weight": count / weights,
+            "h100_issue_us_4096x4096": count / weights * 4096 * 4096 / H100_ISSUE * 1e6}
+
+
+def compile_one(fn, signature: dict, constants: dict, warps: int, arch: int, tools: Path, tmp: Path,
+                gluon: bool = False) -> tuple[str, dict]:
+    """SASS and resource usage (registers, stack bytes) of one specialisation. Pointers are taken as 16-byte
+    aligned, as Triton specialises them at a launch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = {**signature, **{k: "constexpr" for k in constants}}
-    k = triton.compile(ASTSource(fn, sig, constants), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": warps, "num_stages": 3})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values()) if ty.startswith("*")}
+    source = (GluonASTSource if gluon else ASTSource)(fn, sig, constants, aligned)
+    k = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
     cubin = tmp / "kernel.cubin"
     cubin.write_bytes(k.asm["cubin"])
     sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True)
@@ -86,18 +103,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 87, 89, 90")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="activation dtype")
-    ap.add_argument("--launches", default="gemv,fma,dequantize", help="comma-separated: gemv, fma, dequantize")
+    ap.add_argument("--launches", default="gemv,fma,dequantize,mma", help="comma-separated: gemv, fma, dequantize, mma")
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/sass-count-sm<arch>)")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: the interpreter compiles nothing
     import triton.backends.nvidia
 
-    from qdllm.kernels import bcq
+    from qdllm.kernels import bcq, bcq_mma
 
     launches = args.launches.split(",")
-    unknown = [x for x in launches if x not in ("gemv", "fma", "dequantize")]
+    unknown = [x for x in launches if x not in ("gemv", "fma", "dequantize", "mma")]
     if unknown:
-        sys.exit(f"--launches: unknown {unknown}; known: gemv, fma, dequantize")
+        sys.exit(f"--launches: unknown {unknown}; known: gemv, fma, dequantize, mma")
     tools = Path(triton.backends.nvidia.__file__).parent / "bin"
     if not (tools / "nvdisasm").is_file():
         sys.exit(f"sass_count.py needs the nvdisasm that Triton's NVIDIA backend ships; {tools} has none")
@@ -105,7 +122,7 @@ def main() -> None:
            "bias_ptr": "*fp16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32",
            "M_BUCKET": "i32"}
     jobs = []  # (launch, variant, constants, warps, weights a program covers)
-    for launch in (x for x in launches if x != "dequantize"):
+    for launch in (x for x in launches if x in ("gemv", "fma")):
         for cfg in bcq._configs(launch):
             kw = {**cfg.kwargs, "K_BLOCKS": 1}  # one K-block a program, as the count assumes
             for variant in ("fma",) if launch == "fma" else ("dequant", "per_plane"):
@@ -115,6 +132,13 @@ def main() -> None:
     if "dequantize" in launches:
         jobs.append(("dequantize", "dequantize", {"G": 128, "BLOCK_N": bcq.DEQUANT_BLOCK_N}, 4,
                      bcq.DEQUANT_BLOCK_N * 128))
+    if "mma" in launches:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        for bm in bcq_mma.BLOCK_M:
+            for cfg in bcq_mma._prune(bcq_mma._configs(), {"NB": 1}, G=128, BLOCK_M_=bm):
+                const = {"G": 128, "HAS_BIAS": False, "FIRST_ASM": bcq_mma.ASM[dtype, True],
+                         "NEXT_ASM": bcq_mma.ASM[dtype, False], "BLOCK_M_": bm, **cfg.kwargs}
+                jobs.append(("mma", "mma", const, cfg.num_warps, cfg.kwargs["BLOCK_N"] * 128))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for launch, variant, const, warps, weights in tqdm(jobs, desc="compiling", unit="kernel"):
@@ -122,19 +146,26 @@ def main() -> None:
                 fn = bcq._dequant_kernel
                 sig = {"planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32",
                        "wt_ptr": "*" + args.dtype, "N": "i32"}
+            elif launch == "mma":
+                fn = bcq_mma._bcq_mma_kernel
+                sig = {**ptr, "ac_ptr": "*" + args.dtype}  # alpha_c_pairs, in x's dtype
+                sig = {("acp_ptr" if k == "ac_ptr" else k): v for k, v in sig.items() if k != "M_BUCKET"}
             else:
                 fn, sig = bcq._bcq_kernel, ptr
-            sass, usage = compile_one(fn, sig, const, warps, args.arch, tools, Path(tmp))
-            trips = PLANES - (variant in PEELED)
+            sass, usage = compile_one(fn, sig, const, warps, args.arch, tools, Path(tmp), gluon=launch == "mma")
             tile = {k: const[k] for k in ("BLOCK_M", "BLOCK_N") if k in const}
-            rows.append({"launch": launch, "variant": variant, **tile, "num_warps": warps, **usage,
-                         **per_weight(sass, 128 // 32, trips, warps, weights)})
+            if launch == "mma":
+                tile = {"BLOCK_M": const["BLOCK_M_"], "BLOCK_N": const["BLOCK_N"]}
+                counts = per_weight_block(sass, PLANES - 1, warps, weights)  # the first plane is outside the loop
+            else:
+                counts = per_weight(sass, 128 // 32, PLANES - (variant in PEELED), warps, weights)
+            rows.append({"launch": launch, "variant": variant, **tile, "num_warps": warps, **usage, **counts})
     out = args.out or Path(__file__).parent / "results" / f"sass-count-sm{args.arch}"
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))  # where it was compiled; the target is settings.arch
     record = {"benchmark": "sass_count", "environment": env,
               "settings": {"arch": args.arch, "activations": args.dtype, "launches": launches, "G": 128,
-                           "planes_per_block": PLANES, "k_blocks_per_program": 1, "peeled": list(PEELED),
+                           "planes_per_block": PLANES, "k_blocks_per_program": 1, "peeled": list(PEELED) + ["mma"],
                            "h100_warp_instructions_per_s": H100_ISSUE},
               "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""qdllm.kernels: bit packing, the Triton BCQ kernels and their torch reference. Imports no other qdllm folder.
+"""qdllm.kernels: bit packing, the Triton BCQ kernels (bcq.py; bcq_mma.py in Gluon) and their torch reference.
+Imports no other qdllm folder.
 
 Triton is imported only when a Triton kernel first runs (see dispatch), so this package works without it.
 """

@@ -1,7 +1,8 @@
 """`bcq_linear`: pick the torch reference or a Triton kernel by backend, device and M (rows of x).
 
-On a GPU: split-K GEMV for small M (for the fewest rows, on FMA units where that was measured faster), the
-tile kernel up to a crossover, and above it Ŵᵀ written for the call by the dequantize kernel, then
+On a GPU: the Gluon mma kernel for small M where it was measured faster (`bcq_mma`: the signs unpacked in the
+tensor cores' operand registers), else split-K GEMV (for the fewest rows, on FMA units where that was measured
+faster), the tile kernel up to a crossover, and above it Ŵᵀ written for the call by the dequantize kernel, then
 torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense weight is not cached: a cache per
 linear would rebuild the whole fp16 model in memory. The crossovers differ per GPU, so they live in
 GPU_CONFIGS, keyed by device name, as measured by benchmarks/kernels.py; tile shapes themselves are
@@ -29,6 +30,7 @@ BACKENDS = ("auto", "torch", "triton")
 class DispatchConfig:
     """Crossovers in M for one GPU."""
 
+    mma_max_m: int = 0  # M <= this: the Gluon mma kernel (bcq_mma), for block sizes it takes; 0 until measured
     fma_max_m: int = 0  # M <= this: split-K GEMV on FMA units (the "fma" variant); 0 until measured faster
     gemv_max_m: int = 16  # M <= this: split-K GEMV
     plane_dot_max_m: int = 0  # M <= this: the per-plane-dot variant; above: dequantize the tile, one dot
@@ -52,6 +54,18 @@ def _bcq() -> ModuleType | None:
             raise
         return None
     return bcq
+
+
+@functools.cache
+def _bcq_mma() -> ModuleType | None:
+    """The Gluon kernel, where this Triton has Gluon with its Ampere mma (3.6 and later)."""
+    try:
+        from . import bcq_mma
+    except ImportError as e:
+        if e.name is not None and not e.name.startswith("triton"):
+            raise
+        return None
+    return bcq_mma
 
 
 @functools.cache
@@ -95,6 +109,8 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
     m = x.numel() // w.in_features
     if m >= cfg.dense_min_m:
         return bcq.bcq_dense(x, w)
+    if m <= cfg.mma_max_m and (mma := _bcq_mma()) is not None and mma.supports(w):
+        return mma.bcq_mma(x, w)
     if m <= cfg.fma_max_m:
         return bcq.bcq_gemv(x, w, "fma")
     variant = "per_plane" if m <= cfg.plane_dot_max_m else "dequant"
