@@ -10,11 +10,10 @@ G = 128 columns) runs the code outside its loops once, its 32-column step loop G
 loop inside it once a plane: 2.05 times a block with ABMP's mix (5% of blocks order 1, 5% order 3), or once
 fewer where the code takes the first plane before the loop (the dequantize paths). The Gluon "mma" launch
 (kernels/bcq_mma.py) has no 32-column step loop: its plane loop covers the whole block, after a first plane
-outside it. That count over the
-weights the program covers is the figure; the issue time at full rate is the count times the weights over
-(SMs x 4 schedulers x clock), given for a 4096x4096 weight on an H100 (132 SMs, 1.755 GHz). These are
-counts, not times: latency, occupancy and memory traffic are not modelled. Writes JSON to
-benchmarks/results/.
+outside it. That count over the weights the program covers is the figure; the issue time at full rate is
+the count times the weights over (SMs x 4 schedulers x clock), given for a 4096x4096 weight on an H100
+(132 SMs, 1.755 GHz). These are counts, not times: latency, occupancy and memory traffic are not modelled.
+Writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -146,10 +145,11 @@ def main() -> None:
                 fn = bcq._dequant_kernel
                 sig = {"planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32",
                        "wt_ptr": "*" + args.dtype, "N": "i32"}
-            elif launch == "mma":
+            elif launch == "mma":  # alpha_c_pairs is in x's dtype; no M_BUCKET
                 fn = bcq_mma._bcq_mma_kernel
-                sig = {**ptr, "ac_ptr": "*" + args.dtype}  # alpha_c_pairs, in x's dtype
-                sig = {("acp_ptr" if k == "ac_ptr" else k): v for k, v in sig.items() if k != "M_BUCKET"}
+                sig = {"x_ptr": "*" + args.dtype, "planes_ptr": "*i32", "ar_ptr": "*fp16", "acp_ptr": "*" + args.dtype,
+                       "pp_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "NB": "i32",
+                       "stride_xm": "i32"}
             else:
                 fn, sig = bcq._bcq_kernel, ptr
             sass, usage = compile_one(fn, sig, const, warps, args.arch, tools, Path(tmp), gluon=launch == "mma")

@@ -83,9 +83,8 @@ def test_pair_encoding_rebuilds_the_weight(dtype):
     assert (got - ref).abs().max() <= 3 * torch.finfo(dtype).eps * ref.abs().max()
 
 
+@needs_gluon
 def test_pair_helpers_are_a_permutation():
-    if bcq_mma is None:
-        pytest.skip("Triton with Gluon is not installed")
     k = torch.arange(32)
     assert sorted(bcq_mma.column(k).tolist()) == list(range(32))
     assert bcq_mma.column(k[1::2]).tolist() == (bcq_mma.column(k[0::2]) + 16).tolist()  # a pair: bits q, q + 16
