@@ -183,13 +183,17 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-def _autotune(configs: list[triton.Config], **extra) -> triton.runtime.Autotuner:
-    # Short timings and the disk cache need an autotune that takes `do_bench` and `cache_results`
-    # (Triton 3.6 does); an older Triton tunes with its defaults.
-    tune = dict(key=["M_BUCKET", "N", "NB", "G", "VARIANT"], prune_configs_by={"early_config_prune": _prune},
+def autotune(fn, configs: list[triton.Config], key: list[str], prune, **extra) -> triton.runtime.Autotuner:
+    """Triton's autotune with short timings and the on-disk cache, where this Triton takes `do_bench` and
+    `cache_results` (3.6 does); an older Triton tunes with its defaults. Shared with bcq_mma."""
+    tune = dict(key=key, prune_configs_by={"early_config_prune": prune},
                 do_bench=functools.partial(do_bench, warmup=5, rep=25), cache_results=True, **extra)
     accepted = inspect.signature(triton.autotune).parameters
-    return triton.autotune(configs, **{k: v for k, v in tune.items() if k in accepted})(_bcq_kernel)
+    return triton.autotune(configs, **{k: v for k, v in tune.items() if k in accepted})(fn)
+
+
+def _autotune(configs: list[triton.Config], **extra) -> triton.runtime.Autotuner:
+    return autotune(_bcq_kernel, configs, ["M_BUCKET", "N", "NB", "G", "VARIANT"], _prune, **extra)
 
 
 _gemv_kernel = _autotune(_configs("gemv"), reset_to_zero=["y_ptr"])

@@ -24,8 +24,6 @@ reference on CUDA.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import weakref
 
 import torch
@@ -34,8 +32,8 @@ from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.testing import do_bench
 
+from .bcq import _check, autotune
 from .pack import BCQWeight
 
 BLOCK_M = (16, 32, 64)  # one M tile per call, the smallest that covers M (mma.m16n8k16 takes 16 rows at least),
@@ -159,14 +157,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-def _autotune(fn) -> triton.runtime.Autotuner:
-    tune = dict(key=["BLOCK_M_", "N", "NB", "G"], prune_configs_by={"early_config_prune": _prune},
-                reset_to_zero=["y_ptr"], do_bench=functools.partial(do_bench, warmup=5, rep=25), cache_results=True)
-    accepted = inspect.signature(triton.autotune).parameters
-    return triton.autotune(_configs(), **{k: v for k, v in tune.items() if k in accepted})(fn)
-
-
-_kernel = _autotune(_bcq_mma_kernel)
+_kernel = autotune(_bcq_mma_kernel, _configs(), ["BLOCK_M_", "N", "NB", "G"], _prune, reset_to_zero=["y_ptr"])
 _PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # BCQWeight -> {dtype: alpha_c in pair order}
 
 
@@ -190,14 +181,9 @@ def alpha_c_pairs(w: BCQWeight, dtype: torch.dtype) -> Tensor:
 def bcq_mma(x: Tensor, w: BCQWeight) -> Tensor:
     """x [..., K] @ Ŵᵀ (+ bias) in x.dtype, for M up to a few tens: the planes summed in registers per K-block,
     one tensor-core dot per block, K-splits added into an fp32 buffer."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x: expected float16 or bfloat16, got {x.dtype}")
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"x: expected last dim {w.in_features}, got {list(x.shape)}")
+    x2 = _check(x, w)
     if not supports(w):
         raise ValueError(f"block_size: the mma kernel takes powers of two from 32, got {w.block_size}")
-    x2 = x.reshape(-1, w.in_features)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     m, n = x2.shape[0], w.out_features
     y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     if m:
