@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu.sh [STEP[:LIMIT] ...]     default: every step, in this order
 #
-#   check          the kernel, CUDA graph and model tests on CUDA (tests/test_{kernels,cuda_graphs,models}.py)
+#   check          the kernel, CUDA graph, model and engine tests on CUDA (tests/test_{kernels,bcq_mma,cuda_graphs,
+#                  models,engine}.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
@@ -41,7 +42,7 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"
 
 run_step() {
     case $1 in
-        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
+        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;

@@ -96,9 +96,9 @@ class ForwardGraphs:
             self.graphs.move_to_end(key)
             replay, static, out = self.graphs[key]
             for dst, src in zip(static, inputs):
-                dst.copy_(src)
+                dst.copy_(src, non_blocking=True)
         else:
-            static = [t.to(ids.device, copy=True) for t in inputs]
+            static = [t.to(self.model.embed.weight.device, copy=True) for t in inputs]
             replay, out = self.capture(lambda: run_forward(self.model, pool, full, *static))
             self.graphs[key] = (replay, static, out)
             self.captures += 1

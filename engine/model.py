@@ -13,6 +13,11 @@ from .config import ModelConfig
 from .kv_cache import CacheView
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references upcast half precision to; a float64 model is not rounded down to it."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -20,8 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and scale in the activation dtype, as both reference models do.
-        xf = x.float()
+        # Normalise in fp32 (float64 stays float64) and scale in the activation dtype, as both reference models do.
+        xf = x.to(at_least_fp32(x.dtype))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -36,7 +41,7 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> Tensor:
     """Rotate-half RoPE on [B, L, H, D]; LLaDA rotates in fp32, Dream in the activation dtype."""
-    xr = x.float() if fp32 else x
+    xr = x.to(at_least_fp32(x.dtype)) if fp32 else x
     cos, sin = cos.to(xr.dtype), sin.to(xr.dtype)
     x1, x2 = xr.chunk(2, dim=-1)
     return (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)

@@ -24,6 +24,7 @@ from .kv_cache import PAGE, KVPool, pages_for, pages_within, position_bytes
 from .model import DiffusionLM
 from .output import Detokenizer, RequestOutput, RequestStats
 from .sampling import SamplingParams
+from .remasking import Proposal, propose
 from .sequence import Sequence, Window, block_layout, footprint
 
 log = logging.getLogger("qdllm.engine")
@@ -252,16 +253,15 @@ class EngineCore:
             return outputs
         plans = [(r, r.seq.window()) for r in self.running]
         occupancy = sum(r.seq.rows for r in self.running) / self.max_num_seqs
-        block_done: dict[int, bool | None] = {}  # by id(request); None: its forward found no device memory
+        proposals: dict[int, Proposal | None] = {}  # by id(request); None: its forward found no device memory
         for full in (True, False):
             for group in similar_lengths([(r, w) for r, w in plans if w.full == full]):
-                for r, logits in self._forward_within_memory(group, full):
-                    block_done[id(r)] = None if logits is None else r.seq.advance(logits)
+                proposals.update((id(r), p) for r, p in self._forward_within_memory(group, full))
         for r, w in plans:  # in admission order, whichever call served them
-            if block_done[id(r)] is None:
+            if proposals[id(r)] is None:
                 outputs.append(self._fail(r, f"the device ran out of memory for this request's forward of "
                                              f"{_fed([(r, w)])} tokens, even alone"))
-            elif block_done[id(r)]:
+            elif r.seq.commit(*proposals[id(r)]):
                 outputs.append(self._finish_block(r))
         self.running = [r for r in self.running if r.seq is not None]
         st = self.stats
@@ -322,9 +322,9 @@ class EngineCore:
         return failed
 
     def _forward_within_memory(self, group: list[tuple[_Request, Window]],
-                               full: bool) -> list[tuple[_Request, Tensor | None]]:
-        """Each request of the group with its block logits. A call that runs out of device memory is run again in
-        halves, and from then on calls as large are halved before they run, down to single requests, which are
+                               full: bool) -> list[tuple[_Request, Proposal | None]]:
+        """Each request of the group with its proposal for this step. A call that runs out of device memory is run
+        again in halves, and from then on calls as large are halved before they run, down to single requests, which are
         always tried; one that alone does not fit gets None. The retry runs after the except block, so the
         failed call's activations are freed first."""
         if len(group) == 1 or self.oom_tokens is None or _fed(group) < self.oom_tokens:
@@ -347,27 +347,31 @@ class EngineCore:
             log.warning("a forward of %d tokens ran out of device memory; forward calls are split below that "
                         "from now on", tokens)
 
-    def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Tensor]:
-        """One padded forward for the group; the block logits [rows, block, V] of each request. With CUDA
-        graphs, a forward they take is padded to their shape and replayed."""
+    def _forward(self, group: list[tuple[_Request, Window]], full: bool) -> list[Proposal]:
+        """One padded forward for the group, with logits at each request's masked positions only, and the
+        proposals from them, which reach the host in one transfer. With CUDA graphs, a forward they take is
+        padded to their shape and replayed; its logits are used before any other replay can overwrite them."""
         B = sum(r.seq.rows for r, _ in group)
         L = max(w.hi - w.lo for _, w in group)
         read = L if full else max(r.seq.length for r, _ in group)
         shape = self.graphs.shape(B, L, read, full) if self.graphs is not None else None
         rows, L, read = shape or (B, L, read)
-        n = max(w.end - w.start for _, w in group)
+        masked = [r.seq.masked for r, _ in group]
+        n = max(w.end - w.start for _, w in group) if shape is not None else max(map(len, masked))  # graphs: fixed
         cached = any(r.params.cache != "none" for r, _ in group)
         scratch = self.pool.scratch_position
         dev = self.device
-        ids = torch.zeros(rows, L, dtype=torch.long, device=dev)
-        positions = torch.zeros(rows, L, dtype=torch.long)
-        write_index = torch.full((rows, L), scratch, dtype=torch.long)
-        read_index = torch.full((rows, read), scratch, dtype=torch.long)  # read only by window forwards
-        key_mask = torch.zeros(rows, read, dtype=torch.bool)
+        # built on the host, in pinned memory for a CUDA device: then their copies do not wait on the device
+        pin = dev.type == "cuda"
+        ids = torch.zeros(rows, L, dtype=torch.long, pin_memory=pin)
+        positions = torch.zeros(rows, L, dtype=torch.long, pin_memory=pin)
+        write_index = torch.full((rows, L), scratch, dtype=torch.long, pin_memory=pin)
+        read_index = torch.full((rows, read), scratch, dtype=torch.long, pin_memory=pin)  # read by window forwards
+        key_mask = torch.zeros(rows, read, dtype=torch.bool, pin_memory=pin)
         key_mask[B:, 0] = True  # padding rows attend to something, so their (unread) outputs stay finite
-        logits_at = torch.zeros(rows, n, dtype=torch.long)
+        logits_at = torch.zeros(rows, n, dtype=torch.long, pin_memory=pin)
         row = 0
-        for r, w in group:
+        for (r, w), m in zip(group, masked):
             x = r.seq.inputs()[:, w.lo: w.hi]
             span = torch.arange(w.lo, w.hi)
             for j in range(r.seq.rows):
@@ -378,21 +382,21 @@ class EngineCore:
                     if not full:
                         read_index[row, : r.seq.length] = r.kv[j]
                 key_mask[row, : (w.hi - w.lo) if full else r.seq.length] = True
-                logits_at[row, : w.end - w.start] = torch.arange(w.start - w.lo, w.end - w.lo)
+                logits_at[row, : len(m)] = m + (w.start - w.lo)
                 row += 1
         inputs = (ids, positions, key_mask, write_index, read_index, logits_at)
         pool = self.pool if cached else None
         if shape is not None:
             logits = self.graphs.forward(pool, full, *inputs)
         else:
-            logits = run_forward(self.model, pool, full, *(t.to(dev) for t in inputs))
+            logits = run_forward(self.model, pool, full, *(t.to(dev, non_blocking=True) for t in inputs))
         st = self.stats
         st.forwards, st.rows, st.tokens, st.nfe = st.forwards + 1, st.rows + B, st.tokens + rows * L, st.nfe + B
-        out, row = [], 0
-        for r, w in group:
-            out.append(logits[row: row + r.seq.rows, : w.end - w.start])
+        rows, row = [], 0
+        for (r, _), m in zip(group, masked):
+            rows.append(r.seq.prepare(logits[row: row + r.seq.rows, : len(m)]))
             row += r.seq.rows
-        return out
+        return propose(rows, [r.params for r, _ in group], [r.seq.gen for r, _ in group])
 
     # ---- outputs --------------------------------------------------------------------------------
 

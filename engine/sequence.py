@@ -1,7 +1,10 @@
 """One request's semi-autoregressive block denoising, as a state machine the scheduler steps.
 
-The scheduler asks each sequence for the window it needs (`window`), runs one batched forward, and
-hands each sequence the logits of its block (`advance`). With cache="none" and temperature 0 this is
+The scheduler asks each sequence for the window it needs (`window`) and its masked positions (`masked`),
+runs batched forwards with logits at those positions only, proposes tokens for all of a forward's sequences
+at once (`prepare`, then `remasking.propose`), and has each sequence commit its own (`commit`). The canvas
+lives on the host: what a step needs to know of it (which positions are still masked, whether a block is
+done) costs no wait on the device. With cache="none" and temperature 0 this is
 LLaDA's `generate()` token for token; with block_length >= max_tokens and the timestep schedule it is
 Dream's `diffusion_generate`.
 """
@@ -14,8 +17,9 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .model import at_least_fp32
 from .output import TokenLogprob
-from .remasking import propose, select
+from .remasking import select
 from .sampling import SamplingParams
 from .schedule import commit_count, commit_probability, split_steps
 
@@ -62,16 +66,21 @@ class Sequence:
         self.block, self.n_blocks = block_layout(params)
         self.rows, self.length = footprint(self.prompt_len, params, len(suffix))
         self.canvas_end = self.length - len(suffix)
-        self.x = torch.full((self.length,), self.mask, dtype=torch.long, device=device)
-        self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long, device=device)
-        self.x[self.canvas_end:] = torch.tensor(suffix, dtype=torch.long, device=device)
+        self.x = torch.full((self.length,), self.mask, dtype=torch.long)  # on the host
+        self.x[: self.prompt_len] = torch.tensor(prompt, dtype=torch.long)
+        self.x[self.canvas_end:] = torch.tensor(suffix, dtype=torch.long)
         self.logprob: Tensor | None = None  # per canvas position, and the alternatives (values, ids), when asked
         if params.logprobs is not None:
             self.logprob = torch.zeros(self.length, dtype=torch.float64, device=device)
             self.top = (torch.zeros(self.length, params.logprobs, dtype=torch.float64, device=device),
                         torch.zeros(self.length, params.logprobs, dtype=torch.long, device=device))
-        self.gen = torch.Generator(device)
+        self.gen = torch.Generator(device)  # draws over the vocabulary (sampling), on the device
         self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
+        # draws over the block's positions, on the host where selection runs: the same generator on a CPU
+        self.host_gen = self.gen if self.gen.device.type == "cpu" else torch.Generator().manual_seed(
+            self.gen.initial_seed())
+        self.rows_for_logprobs: Tensor | None = None  # this step's unadjusted rows, when logprobs are asked for
+        self.bias: tuple[Tensor, Tensor] | None = None  # logit_bias's ids and values on the device
         self.schedule = params.schedule or DEFAULT_SCHEDULE[cfg.family]
         self.block_steps = (split_steps(params.steps or self.block * self.n_blocks, self.n_blocks)
                             if not params.parallel else None)  # parallel decoding runs each block until done
@@ -113,47 +122,65 @@ class Sequence:
         hi = self.end if cache == "dual" else self.length
         return Window(max(self.start - self.shift, 0), hi, self.start, self.end, False)
 
-    def advance(self, logits: Tensor) -> bool:
-        """Commit this step's tokens from the block's logits [rows, block, V]; True when the block is finished."""
+    def prepare(self, logits: Tensor) -> Tensor:
+        """The logits that `propose` reads, [n, V] on the device, from the forward's logits at the block's masked
+        positions [rows, n, V]: CFG combined, penalties and logit bias applied."""
         self.nfe += self.rows
         if self.rows == 2:
-            cond, uncond = logits.float()
+            cond, uncond = logits.to(at_least_fp32(logits.dtype))
             logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
         else:
             logits = logits[0]
         p = self.params
-        masked_logits = logits[self.masked]
+        if p.logprobs is not None:  # a copy: a CUDA graph's next replay overwrites its logits
+            self.rows_for_logprobs = logits.clone()
         if p.presence_penalty or p.frequency_penalty or p.logit_bias:
-            masked_logits = self._adjust(masked_logits)
-        x0, conf = propose(masked_logits, p.temperature, p.top_p, p.remasking, self.gen)
+            logits = self._adjust(logits)
+        return logits
+
+    def commit(self, x0: Tensor, conf: Tensor) -> bool:
+        """Commit this step's tokens from the proposal for the masked positions (candidates x0 [n] and their
+        confidence, on the host); True when the block is finished."""
+        p = self.params
+        if p.remasking in ("random", "origin"):
+            conf = torch.rand(x0.shape, dtype=torch.float64, generator=self.host_gen)
         if p.remasking == "origin" and not p.parallel:
             ratio = commit_probability(self.schedule, self.step, self.steps, self.n_start, self.masked.numel())
-            chosen = (torch.rand(self.masked.shape, device=x0.device, generator=self.gen) < ratio).nonzero()[:, 0]
+            chosen = (torch.rand(self.masked.shape, generator=self.host_gen) < ratio).nonzero()[:, 0]
         else:
-            chosen = select(conf, self.count, p.threshold, p.factor, p.alg_temp, self.gen)
-        self.x[self.start + self.masked[chosen]] = x0[chosen]
-        if self.logprob is not None:
-            self._record_logprobs(logits[self.masked[chosen]], x0[chosen], self.start + self.masked[chosen])
+            chosen = select(conf, self.count, p.threshold, p.factor, p.alg_temp, self.host_gen)
+        positions = self.start + self.masked[chosen]
+        self.x[positions] = x0[chosen]
+        if self.rows_for_logprobs is not None:
+            self._record_logprobs(self.rows_for_logprobs, chosen, x0[chosen], positions)
+            self.rows_for_logprobs = None
         self.refresh, self.step = False, self.step + 1
         return self._settle()
 
     def _adjust(self, logits: Tensor) -> Tensor:
         """OpenAI's presence and frequency penalties, over the tokens this request has committed so far, and its
         logit bias, in float64 as `propose` works."""
-        p, logits = self.params, logits.double()
+        p, logits = self.params, logits.to(torch.float64, copy=True)  # the forward's logits stay as they are
         if p.presence_penalty or p.frequency_penalty:
             generated = self.x[self.prompt_len: self.canvas_end]
-            counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1]).double()
+            counts = torch.bincount(generated[generated != self.mask], minlength=logits.shape[-1])
+            counts = counts.to(logits.device, torch.float64, non_blocking=True)
             logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
         if p.logit_bias:
-            ids, bias = zip(*p.logit_bias)
-            logits[:, list(ids)] += torch.tensor(bias, dtype=torch.float64, device=logits.device)
+            if self.bias is None:  # copied to the device once
+                ids, bias = zip(*p.logit_bias)
+                self.bias = (torch.tensor(ids, device=logits.device), torch.tensor(bias, dtype=torch.float64,
+                                                                                    device=logits.device))
+            logits[:, self.bias[0]] += self.bias[1]
         return logits
 
-    def _record_logprobs(self, logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
-        """The committed tokens' log-probabilities, and the most likely tokens, in float64 as `propose` scores."""
-        lp = torch.log_softmax(logits.double(), -1)
-        self.logprob[positions] = lp.gather(-1, tokens[:, None])[:, 0]
+    def _record_logprobs(self, rows: Tensor, chosen: Tensor, tokens: Tensor, positions: Tensor) -> None:
+        """The committed tokens' log-probabilities, and the most likely tokens, in float64 as `propose` scores,
+        kept on the device until an output asks for them."""
+        dev = rows.device
+        lp = torch.log_softmax(rows[chosen.to(dev, non_blocking=True)].double(), -1)
+        positions = positions.to(dev, non_blocking=True)
+        self.logprob[positions] = lp.gather(-1, tokens[:, None].to(dev, non_blocking=True))[:, 0]
         if self.params.logprobs:
             top = lp.topk(self.params.logprobs, -1)
             self.top[0][positions], self.top[1][positions] = top.values, top.indices

@@ -9,7 +9,7 @@ import torch
 from reference import llada_generate
 from tiny import MASK
 
-from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
+from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer, remasking
 from qdllm.engine.errors import RequestError
 from qdllm.engine.scheduler import similar_lengths
 from qdllm.engine.sequence import Window
@@ -66,6 +66,45 @@ def test_batched_requests_give_the_tokens_they_give_alone(model_dir, stagger):
     for a, b in zip(solo, batched):
         assert b.token_ids == a.token_ids and b.nfe == a.nfe
         assert MASK not in b.token_ids and b.finish_reason == "length"
+
+
+def test_proposals_split_into_chunks_give_the_same_tokens(llada_dir, monkeypatch):
+    """A forward call's proposals are batched up to a memory bound; split one request a chunk, as a step with
+    large logits is, they are the same."""
+    model, runs = load_model(llada_dir), []
+    for chunk in (remasking.CHUNK_ELEMENTS, 1):
+        monkeypatch.setattr(remasking, "CHUNK_ELEMENTS", chunk)
+        core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8)
+        ids = [core.add_request(p, dataclasses.replace(s, logprobs=1)) for p, s in REQUESTS]
+        outputs = drain(core)
+        runs.append([(outputs[i][-1].token_ids, outputs[i][-1].logprobs) for i in ids])
+    assert core.stats.forwards < sum(len(t) for t, _ in runs[1])  # requests shared forward calls
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_engine_gives_the_cpu_tokens(model_dir, cuda_graphs):
+    """On CUDA the canvas stays on the host, forward inputs go over from pinned memory and each forward's
+    proposals come back in one transfer: the same tokens and logprobs as on the CPU. The model runs in float64 so
+    that near-ties resolve alike (its RoPE tables are float32, as the references compute them, so logprobs
+    agree to about float32's precision). The sampled request is left out: its draws come from a CUDA
+    generator."""
+    requests = [(p, dataclasses.replace(s, logprobs=2, presence_penalty=0.5, logit_bias={9: 3.0}))
+                for p, s in REQUESTS if s.temperature == 0]
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = load_model(model_dir, device=device, dtype=torch.float64)
+        core = EngineCore(model, Detokenizer(None, frozenset()), max_num_seqs=8,
+                          cuda_graphs=cuda_graphs and device == "cuda")
+        ids = [core.add_request(p, s) for p, s in requests]
+        outputs = drain(core)
+        runs.append([outputs[i][-1] for i in ids])
+    for cpu, cuda in zip(*runs):
+        assert cuda.token_ids == cpu.token_ids and cuda.nfe == cpu.nfe
+        assert [t.token_id for t in cuda.logprobs] == cpu.token_ids
+        torch.testing.assert_close([t.logprob for t in cuda.logprobs], [t.logprob for t in cpu.logprobs],
+                                   rtol=1e-3, atol=1e-5)
 
 
 def test_batched_requests_match_the_reference_generate(llada_dir):

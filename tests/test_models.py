@@ -7,7 +7,7 @@ from tiny import MASK, write_checkpoint
 
 from qdllm.engine import KVPool, load_model
 from qdllm.engine.kv_cache import PAGE
-from qdllm.engine.model import attention, fold_groups
+from qdllm.engine.model import RMSNorm, apply_rope, attention, fold_groups, rope_tables
 
 
 def random_ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
@@ -22,6 +22,20 @@ def test_fp32_logits_match_float64_reference(model_dir):
     assert logits.shape == (2, 37, 128) and logits.dtype == torch.float32
     ref = reference_logits(model_dir, ids)
     assert (logits.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_float64_activations_are_normalised_and_rotated_in_float64():
+    """Half precision is upcast to fp32 for the norm and LLaDA's rotation, as the references do; float64 is not
+    rounded down to fp32 there, so a float64 model is a reference that runs reproducibly."""
+    x = torch.randn(2, 5, 4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    norm = RMSNorm(64, 1e-5).double()
+    torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), rtol=1e-14, atol=0)
+    cos, sin = rope_tables(torch.arange(5)[None], 64, 10000.0)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = x * cos.double() + torch.cat((-x2, x1), dim=-1) * sin.double()
+    torch.testing.assert_close(apply_rope(x, cos, sin, fp32=True), rotated, rtol=1e-14, atol=0)
+    half = x.to(torch.bfloat16)
+    assert norm.to(torch.bfloat16)(half).dtype == apply_rope(half, cos, sin, fp32=True).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])

@@ -67,14 +67,15 @@ def run(model, params: SamplingParams, eos: frozenset[int] = frozenset()):
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a model and records the canvas it is fed at each call."""
+    """Wraps a model and records the canvas it is fed at each call, and where it is asked for logits."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.config, self.embed, self.fed = model, model.config, model.embed, []
+        self.model, self.config, self.embed, self.fed, self.logits_at = model, model.config, model.embed, [], []
 
     def forward(self, ids, **kw):
         self.fed.append(ids[0].clone())
+        self.logits_at.append(kw["logits_at"][0].clone())
         return self.model(ids, **kw)
 
 
@@ -92,6 +93,17 @@ def test_token_schedule_blocks_left_to_right(llada_dir):
     for i, s in enumerate(steps):  # every commit lies in the current block, blocks in order
         assert all(i // 4 * 8 <= p < (i // 4 + 1) * 8 for p in s)
     assert out.nfe == 12 and len(out.token_ids) == 24 and MASK not in out.token_ids
+
+
+def test_logits_only_at_masked_positions(llada_dir):
+    """A forward computes logits only where its block is still masked, so the head's work shrinks as the block
+    fills."""
+    rec, P = Recorder(load_model(llada_dir)), len(PROMPT)
+    run(rec, SamplingParams(max_tokens=16, steps=8, block_length=8, ignore_eos=True))
+    assert [len(at) for at in rec.logits_at] == [8, 6, 4, 2] * 2
+    for i, (ids, at) in enumerate(zip(rec.fed, rec.logits_at)):
+        start = P + 8 * (i // 4)
+        assert at.tolist() == ((ids[start: start + 8] == MASK).nonzero()[:, 0] + start).tolist()
 
 
 def test_uneven_steps_give_earlier_steps_the_extra_token(llada_dir):
