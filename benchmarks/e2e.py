@@ -89,6 +89,37 @@ def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> d
             "latency_s": statistics.median(o.stats.latency_s for o in outs), "nfe": statistics.mean(o.nfe for o in outs)}
 
 
+def profile_run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, top: int = 8) -> dict:
+    """One more run under torch.profiler, per engine step: the wall time; the device's busy time (its kernels' and
+    copies' summed time); the kernel and CUDA graph launches, host waits and copies the host issued; and the
+    kernels that took the most time; aten ops count nested ones too. Where busy time is far below wall time, the
+    host bounds the step. The profiler's own overhead makes these walls longer than the timed runs'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = core.device.type == "cuda"
+    steps = core.stats.steps
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        wall = run(core, prompts, params)["wall_s"]
+    steps = core.stats.steps - steps
+    events = prof.key_averages()
+    on_device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+
+    def per_step(prefixes: tuple[str, ...]) -> float:
+        return sum(e.count for e in events if e.key.startswith(prefixes)) / steps
+
+    kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+            "device_busy_ms_per_step": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
+            "kernel_launches_per_step": per_step(("cudaLaunchKernel", "cuLaunchKernel")),
+            "graph_launches_per_step": per_step(("cudaGraphLaunch",)),
+            "host_waits_per_step": per_step(("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                             "cudaEventSynchronize")),
+            "copies_per_step": per_step(("cudaMemcpy",)),
+            "cpu_ops_per_step": per_step(("aten::",)),
+            "top_kernels": [{"name": e.key[:100], "calls_per_step": e.count / steps,
+                             "us_per_step": e.self_device_time_total / steps} for e in kernels]}
+
+
 def effective_bits(weights: list) -> float:
     """Stored bits per weight over packed linears, scales included."""
     return sum(w.effective_bits * w.out_features * w.in_features for w in weights) / sum(
@@ -176,6 +207,8 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="the engine replays forwards from CUDA graphs")
     ap.add_argument("--configs", default="abcd", help="which of a-d to run")
     ap.add_argument("--fits-only", action="store_true", help="with --shape: print the what-fits-where table only")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one more under torch.profiler: where each engine step's time goes")
     ap.add_argument("--out", default="benchmarks/results/e2e")
     args = ap.parse_args()
     if (args.shape is None) == (args.model is None) or (args.model is not None) != (args.artifact is not None):
@@ -232,6 +265,7 @@ def main() -> None:
                 "batches": batches, "threshold": args.threshold,
                 "tokens_per_step": args.tokens_per_step if args.shape else None, "repeats": args.repeats,
                 "dense_dtype": str(dtype), "backend": args.backend, "cuda_graphs": args.cuda_graphs,
+                "profile": args.profile,
                 "prompt_tokens": prompt_len,
                 "weights": "random" if args.shape else "trained", "effective_bits": b_eff}
     out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}{'-graphs' if args.cuda_graphs else ''}")
@@ -270,7 +304,8 @@ def main() -> None:
                     "tokens_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]},
                     "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
-                    "kv_pool_gb": core.pool.nbytes / 1e9})
+                    "kv_pool_gb": core.pool.nbytes / 1e9,
+                    "profile": profile_run(core, prompts, sp) if args.profile else None})
                 speedups(results)
                 record = {"benchmark": "e2e", "environment": env, "settings": settings,
                           "complete": len(results) == len(configs) * len(batches), "results": results,
@@ -284,6 +319,11 @@ def main() -> None:
         mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
         print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "
               f"({ratio(r['speedup_vs_a'])} vs a, {ratio(r['speedup_vs_b'])} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
+        if r["profile"]:
+            pr = r["profile"]
+            print(f"{'':>36} per step: {pr['wall_ms_per_step']:.2f} ms wall, {pr['device_busy_ms_per_step']:.2f} ms "
+                  f"device busy, {pr['kernel_launches_per_step']:.0f} kernel and {pr['graph_launches_per_step']:.0f} "
+                  f"graph launches, {pr['host_waits_per_step']:.1f} host waits, {pr['cpu_ops_per_step']:.0f} aten ops")
 
 
 if __name__ == "__main__":

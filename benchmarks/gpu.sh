@@ -11,6 +11,8 @@
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
+#   profile        e2e.py --cuda-graphs --profile for b and c at batch 1 and 16: per step, wall against device
+#                  busy time, launches and host waits, and the top kernels
 #   serve          benchmarks/serve.py on the shipped model's 2-bit artifact (converted first if missing)
 #
 # PYTHON: the interpreter that has qdllm installed (default python3; pytest and qdllm-serve must sit
@@ -25,7 +27,7 @@ LIMIT=${STEP_LIMIT:-540}
 LOGS=build/gpu-logs
 ARTIFACT=build/shakespeare-2bit
 RESULTS=benchmarks/results
-STEPS=(check kernels-llada kernels-dream convert e2e e2e-graphs serve)
+STEPS=(check kernels-llada kernels-dream convert e2e e2e-graphs profile serve)
 
 [[ $LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: STEP_LIMIT: expected whole seconds, got '$LIMIT'"; exit 2; }
 for arg in "$@"; do
@@ -48,6 +50,8 @@ run_step() {
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
         e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --out "$RESULTS/e2e-$SLUG" ;;
+        profile) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --configs bc --batch 1,16 --repeats 1 \
+                     --profile --out "$RESULTS/e2e-profile-$SLUG" ;;
         serve)
             if [[ ! -f $ARTIFACT/qdllm.json ]]; then
                 "$BIN/qdllm-convert" assets/llada-shakespeare "$ARTIFACT" --resume || return

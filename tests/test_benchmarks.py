@@ -24,7 +24,7 @@ def gpu_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, env, message", [
     (("check", "kernels"), {},
-     "gpu.sh: unknown step 'kernels'; steps: check kernels-llada kernels-dream convert e2e e2e-graphs serve"),
+     "gpu.sh: unknown step 'kernels'; steps: check kernels-llada kernels-dream convert e2e e2e-graphs profile serve"),
     (("e2e:ten",), {}, "gpu.sh: 'e2e:ten': expected STEP:LIMIT, LIMIT in whole seconds"),
     (("e2e:0",), {}, "gpu.sh: 'e2e:0': expected STEP:LIMIT, LIMIT in whole seconds"),
     ((), {"STEP_LIMIT": "5m"}, "gpu.sh: STEP_LIMIT: expected whole seconds, got '5m'"),
@@ -43,10 +43,10 @@ def test_gpu_script_measures_nothing_without_cuda():
 
 def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     """The CPU path of e2e.py (--model with --artifact): one dense and one 2-bit configuration, with the
-    artifact's effective bits in the record."""
+    artifact's effective bits in the record, and a profiled run of each (no device time on a CPU)."""
     art = shipped_artifact
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--model", str(ASSET), "--artifact",
-                        str(art), "--gen", "32", "--batch", "1", "--repeats", "1", "--configs", "bd",
+                        str(art), "--gen", "32", "--batch", "1", "--repeats", "1", "--configs", "bd", "--profile",
                         "--out", str(tmp_path / "e2e")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((tmp_path / "e2e-llada-shakespeare-cpu.json").read_text())
@@ -57,6 +57,11 @@ def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     positions = [round(x["kv_pool_gb"] * 1e9) / 18432 for x in record["results"]]  # fp32: 18432 bytes a position
     assert all(p > 1 and (p - 1) % 16 == 0 for p in positions), positions  # whole pages and the scratch
     assert [row["weights"] for row in record["fits"]].count("2bit") == len(record["fits"]) // 2
+    for x in record["results"]:
+        pr = x["profile"]
+        assert pr["steps"] >= x["nfe_per_request"] and pr["wall_ms_per_step"] > 0 and pr["cpu_ops_per_step"] > 50
+        assert (pr["device_busy_ms_per_step"], pr["kernel_launches_per_step"], pr["top_kernels"]) == (0, 0, [])
+    assert "ms wall" in r.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's compiler")
