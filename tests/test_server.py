@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from qdllm.engine import LLM, SamplingParams
+from qdllm.engine import LLM, SamplingParams, TokenLogprob
 from qdllm.engine.tokenizer import chat_prompt
 
 ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
@@ -133,6 +133,48 @@ def test_logprobs_are_the_engines_and_their_tokens_spell_the_answer(client, llm)
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be null or an integer in \[0, 20\]"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=21)
+
+
+def test_a_token_that_holds_part_of_a_character_has_its_own_bytes(client, llm):
+    """The byte-fallback token <0xE2> (the first of the euro sign's three), forced by logit_bias: its text shows
+    U+FFFD, its bytes are 0xE2."""
+    e2 = llm.tokenizer.convert_tokens_to_ids("<0xE2>")
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who is there?"}],
+                                         max_tokens=1, logprobs=True, logit_bias={str(e2): 100})
+    (entry,) = out.choices[0].logprobs.content
+    assert (out.choices[0].message.content, entry.token, entry.bytes) == ("\ufffd", "\ufffd", [0xE2])
+
+
+def byte_level_bpe():
+    """A real byte-level BPE tokenizer (GPT-2's scheme, as Dream's), trained here on a few lines of the plays."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = (ASSET / "data" / "test.txt").read_text().splitlines()[:2000]
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("kind", ["byte fallback", "byte level"])
+def test_token_bytes_join_to_the_texts_utf8(llm, kind):
+    """Every token's bytes, joined, are the text's UTF-8, where characters split over byte tokens, whose own text
+    shows U+FFFD or nothing; a whole character's bytes are its text's, with the tokenizer's spacing."""
+    from qdllm.server.logprobs import chat_logprobs
+
+    tokenizer = llm.tokenizer if kind == "byte fallback" else byte_level_bpe()
+    text = "Naïve Hamlet pays 5 € for 漢字, and smiles 😀."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    content = chat_logprobs(tokenizer, [TokenLogprob(i, 0.0, ((i, 0.0),)) for i in ids], [])["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
+    assert any("\ufffd" in e["token"] or not e["token"] for e in content)  # some tokens split a character
+    assert all(e["bytes"] == e["top_logprobs"][0]["bytes"] for e in content)
+    whole = [e for e in content if "\ufffd" not in e["token"] and e["token"]]
+    assert all(bytes(e["bytes"]) == e["token"].encode() for e in whole)
 
 
 def test_penalties_and_logit_bias_are_the_engines(client, llm):
