@@ -21,6 +21,19 @@ needs_gluon = pytest.mark.skipif(bcq_mma is None, reason="Triton with Gluon is n
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def two_tiles_on_gpu():
+    """On a GPU, the kernel autotunes over its first and last tiles only, as in test_kernels.py; the tile spread
+    test runs the rest directly."""
+    if bcq_mma is None or not torch.cuda.is_available():
+        yield
+        return
+    saved = bcq_mma._kernel.configs
+    bcq_mma._kernel.configs = [saved[0], saved[-1]]
+    yield
+    bcq_mma._kernel.configs = saved
+
+
 def lop3(a: torch.Tensor, b: int, c: torch.Tensor, lut: int) -> torch.Tensor:
     """PTX lop3.b32 on int64 tensors holding 32-bit values: bit i of the result is bit (a_i b_i c_i) of lut."""
     out = torch.zeros_like(a)
