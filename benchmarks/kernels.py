@@ -121,10 +121,12 @@ def packed_bytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in (w.planes, w.alpha_r, w.alpha_c, w.plane_ptr))
 
 
-def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, repeats: int, limits: dict) -> dict:
+def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, repeats: int, limits: dict,
+            only: set[str] | None = None) -> dict:
     """One (shape, M) point: every path's eager, GPU and host time, speedups over torch, GB/s, the tile each
     autotuned to, and each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel
-    is not timed as a fast one). `ws` and `dense_ts` are copies of one packed and one dense weight."""
+    is not timed as a fast one). `ws` and `dense_ts` are copies of one packed and one dense weight; `only` keeps
+    those kernels (torch and the dispatcher are always timed)."""
     from qdllm.kernels import bcq, bcq_linear, bcq_mma
 
     w = ws[0]
@@ -142,6 +144,8 @@ def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, r
                   "gemv_per_plane": (lambda w, d: bcq.bcq_gemv(x, w, "per_plane"), bcq._gemv_kernel)}
     if m <= FMA_MAX_M:
         paths["gemv_fma"] = (lambda w, d: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
+    if only is not None:
+        paths = {name: path for name, path in paths.items() if name in only or name in ("torch_bf16", "dispatch")}
     times, gpu_times, host_times, tiles, errors = {}, {}, {}, {}, {}
     y_ref = x.float() @ ref.T
     for name, (call, autotuner) in paths.items():
@@ -236,6 +240,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--paths", default=None, help=f"comma-separated kernels to time (default: all of {KERNELS})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/kernels-<device>)")
     args = ap.parse_args()
@@ -259,6 +264,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"--models: unknown {unknown}; known: {list(SHAPES)}")
     ms = [int(m) for m in args.ms.split(",")]
+    only = None if args.paths is None else set(args.paths.split(","))
+    if only is not None and only - set(KERNELS):
+        sys.exit(f"--paths: unknown {sorted(only - set(KERNELS))}; known: {list(KERNELS)}")
     env = environment(torch.device("cuda"))
     print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
     limits = device_limits(args.repeats)
@@ -268,7 +276,7 @@ def main() -> None:
                 "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
                 "gemv_timed_up_to_M": GEMV_MAX_M, "fma_timed_up_to_M": FMA_MAX_M, "graph_calls": GRAPH_CALLS,
                 "cold_weight_bytes": COLD_BYTES, "host_calls": HOST_CALLS,
-                "dispatch_config": dataclasses.asdict(config)}
+                "dispatch_config": dataclasses.asdict(config), "paths": sorted(only) if only else list(KERNELS)}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +289,11 @@ def main() -> None:
             ref = dequantize(w, torch.float32)
             for m in ms:
                 bar.set_description(f"{model} {shape} M={m}")
-                rows.append({"model": model, "shape": shape, **measure(ws, dense_ts, ref, m, args.repeats, limits)})
+                rows.append({"model": model, "shape": shape,
+                             **measure(ws, dense_ts, ref, m, args.repeats, limits, only)})
+                gpu = rows[-1]["gpu_time_ms"]
+                bar.write(f"{model} {shape} M={m}: GPU µs " + ", ".join(
+                    f"{name} {t['median'] * 1e3:.1f}" for name, t in gpu.items()))
                 bar.update()
             # Written after every shape, so a run stopped by a time limit keeps what it measured.
             del ref, ws, dense_ts

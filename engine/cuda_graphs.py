@@ -18,6 +18,7 @@ the logits a replay returns stay valid until the same graph replays again.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -42,13 +43,20 @@ def run_forward(model: DiffusionLM, pool: KVPool | None, full: bool, ids: Tensor
 
 
 class CudaGraphCapture:
-    """capture(fn) -> (replay, output): fn run once to warm up, then recorded. Every graph shares one memory
-    pool, which is safe because replays never overlap (one engine thread, one stream)."""
+    """capture(fn) -> (replay, output): fn run once to warm up, then recorded. The live graphs share one memory
+    pool, which is safe because replays never overlap (one engine thread, one stream). Once every graph of a
+    pool is gone (all dropped when the KV pool grows), torch releases the pool, and its handle must not be
+    captured into again: the next capture starts a new one."""
 
     def __init__(self) -> None:
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool, self.live = None, 0
+
+    def _gone(self) -> None:
+        self.live -= 1
 
     def __call__(self, fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+        if self.live == 0:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -57,6 +65,8 @@ class CudaGraphCapture:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
+        self.live += 1
+        weakref.finalize(graph, self._gone)
         return graph.replay, out
 
 

@@ -122,7 +122,8 @@ def test_cuda_graph_replays_match_eager_logits(model_dir):
     def checked_forward(pool, full, *inputs):
         eager = run_forward(model, pool, full, *[t.to("cuda") for t in inputs])
         replayed = replay_forward(pool, full, *inputs)
-        torch.testing.assert_close(replayed.float(), eager.float(), rtol=2e-2, atol=2e-2)
+        real = inputs[2].sum(1) > 1  # padding rows attend to one key, the scratch, whose K/V their writes race for
+        torch.testing.assert_close(replayed[real].float(), eager[real].float(), rtol=2e-2, atol=2e-2)
         checked.append(full)
         return replayed
 
