@@ -126,7 +126,7 @@ def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, r
     """One (shape, M) point: every path's eager, GPU and host time, speedups over torch, GB/s, the tile each
     autotuned to, and each packed path's relative error against `ref`, the reference Ŵ in fp32 (a wrong kernel
     is not timed as a fast one). `ws` and `dense_ts` are copies of one packed and one dense weight; `only` keeps
-    those kernels (torch and the dispatcher are always timed)."""
+    those paths (torch is always timed)."""
     from qdllm.kernels import bcq, bcq_linear, bcq_mma
 
     w = ws[0]
@@ -145,7 +145,7 @@ def measure(ws: list, dense_ts: list[torch.Tensor], ref: torch.Tensor, m: int, r
     if m <= FMA_MAX_M:
         paths["gemv_fma"] = (lambda w, d: bcq.bcq_gemv(x, w, "fma"), bcq._fma_kernel)
     if only is not None:
-        paths = {name: path for name, path in paths.items() if name in only or name in ("torch_bf16", "dispatch")}
+        paths = {name: path for name, path in paths.items() if name in only or name == "torch_bf16"}
     times, gpu_times, host_times, tiles, errors = {}, {}, {}, {}, {}
     y_ref = x.float() @ ref.T
     for name, (call, autotuner) in paths.items():
@@ -218,8 +218,9 @@ def plot(file: Path, record: dict) -> None:
         for name in (*KERNELS, "dispatch"):
             pts = [(r["M"], r["gpu_speedup"][name]) for r in rows if name in r["gpu_speedup"]]
             ax.plot(*zip(*pts), marker="o", ms=3, label=name, linewidth=2.5 if name == "dispatch" else 1)
-        eager = [(r["M"], r["speedup"]["dispatch"]) for r in rows]
-        ax.plot(*zip(*eager), ":", color="gray", linewidth=2, label="dispatch, eager (host launch included)")
+        eager = [(r["M"], r["speedup"]["dispatch"]) for r in rows if "dispatch" in r["speedup"]]
+        if eager:
+            ax.plot(*zip(*eager), ":", color="gray", linewidth=2, label="dispatch, eager (host launch included)")
         ax.plot([r["M"] for r in rows], [r["ideal_speedup"] for r in rows], "k--", label="ideal")
         ax.axhline(1, color="gray", linewidth=0.5)
         ax.set_xscale("log", base=2)
@@ -240,7 +241,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--paths", default=None, help=f"comma-separated kernels to time (default: all of {KERNELS})")
+    ap.add_argument("--paths", default=None,
+                    help=f"comma-separated paths to time besides torch (default: all of {KERNELS} and dispatch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/kernels-<device>)")
     args = ap.parse_args()
@@ -265,8 +267,8 @@ def main() -> None:
         sys.exit(f"--models: unknown {unknown}; known: {list(SHAPES)}")
     ms = [int(m) for m in args.ms.split(",")]
     only = None if args.paths is None else set(args.paths.split(","))
-    if only is not None and only - set(KERNELS):
-        sys.exit(f"--paths: unknown {sorted(only - set(KERNELS))}; known: {list(KERNELS)}")
+    if only is not None and only - {*KERNELS, "dispatch"}:
+        sys.exit(f"--paths: unknown {sorted(only - {*KERNELS, 'dispatch'})}; known: {[*KERNELS, 'dispatch']}")
     env = environment(torch.device("cuda"))
     print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
     limits = device_limits(args.repeats)
@@ -276,7 +278,8 @@ def main() -> None:
                 "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
                 "gemv_timed_up_to_M": GEMV_MAX_M, "fma_timed_up_to_M": FMA_MAX_M, "graph_calls": GRAPH_CALLS,
                 "cold_weight_bytes": COLD_BYTES, "host_calls": HOST_CALLS,
-                "dispatch_config": dataclasses.asdict(config), "paths": sorted(only) if only else list(KERNELS)}
+                "dispatch_config": dataclasses.asdict(config),
+                "paths": sorted(only) if only else [*KERNELS, "dispatch"]}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +306,7 @@ def main() -> None:
             if have_plot:
                 plot(out.with_suffix(".png"), record)
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
-    for r in rows:
+    for r in (r for r in rows if "dispatch" in r["gpu_time_ms"]):
         gpu, host = r["gpu_time_ms"]["dispatch"]["median"], r["host_ms"]["dispatch"]["median"]
         print(f"{r['model']:5} {r['shape']:20} M={r['M']:5}  dispatch: GPU {gpu * 1e3:6.1f} µs "
               f"({r['gpu_speedup']['dispatch']:5.2f}x), launch {host * 1e3:6.1f} µs, eager "
