@@ -40,8 +40,9 @@ class DispatchConfig:
 DEFAULT_CONFIG = DispatchConfig()
 # torch.cuda.get_device_name() -> measured crossovers. Read once per device: set entries before first use.
 GPU_CONFIGS: dict[str, DispatchConfig] = {
-    # benchmarks/results/kernels-llada-nvidia-h100-80gb-hbm3.json (2026-11-24)
-    "NVIDIA H100 80GB HBM3": DispatchConfig(gemv_max_m=32, plane_dot_max_m=32, dense_min_m=64),
+    # benchmarks/results/kernels-llada-nvidia-h100-80gb-hbm3.json (2026-11-24); mma_max_m from
+    # kernels-llada-mma-nvidia-h100-80gb-hbm3.json (2026-11-25: the mma kernel against the dequantize path)
+    "NVIDIA H100 80GB HBM3": DispatchConfig(mma_max_m=64, gemv_max_m=32, plane_dot_max_m=32, dense_min_m=64),
 }
 
 @functools.cache
