@@ -20,7 +20,7 @@ class LLM:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
-                 max_model_len: int | None = None, cuda_graphs: bool = False, kv_cache_memory: int | None = None,
+                 max_model_len: int | None = None, cuda_graphs: bool | None = None, kv_cache_memory: int | None = None,
                  chat_template: str | Path | None = None):
         device = resolve_device(device)
         if cuda_graphs and device.type != "cuda":  # refused before the weights load

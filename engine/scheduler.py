@@ -106,6 +106,7 @@ class EngineCore:
                       request alone is always admitted.
     max_model_len:    the longest prompt plus canvas accepted (default: the model's context).
     cuda_graphs:      replay forwards of up to 2048 padded tokens from CUDA graphs (cuda_graphs.py); needs CUDA.
+                      None: on for a CUDA device (on the H100 they doubled batch-1 decoding), off otherwise.
     kv_cache_memory:  bytes for the paged KV pool, allocated whole now; max_model_len becomes at most what it
                       holds, and requests wait for pages when running ones hold them. None: the pool grows
                       as admissions need (up to max_model_len in every slot), so the device can run out of
@@ -113,8 +114,8 @@ class EngineCore:
     """
 
     def __init__(self, model: DiffusionLM, detokenizer: Detokenizer, max_num_seqs: int = 8,
-                 max_batch_tokens: int = 16384, max_model_len: int | None = None, cuda_graphs: bool = False,
-                 kv_cache_memory: int | None = None):
+                 max_batch_tokens: int = 16384, max_model_len: int | None = None,
+                 cuda_graphs: bool | None = None, kv_cache_memory: int | None = None):
         cfg = model.config
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
@@ -122,6 +123,8 @@ class EngineCore:
         self.device = model.embed.weight.device
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
         self.graphs = ForwardGraphs(model, max_num_seqs) if cuda_graphs else None
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         if max_model_len is not None and not 1 <= max_model_len <= cfg.max_seq_len:

@@ -1,6 +1,7 @@
 """`qdllm-serve MODEL`: the OpenAI-compatible server for an artifact or a plain HF checkpoint."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -37,8 +38,9 @@ def parser() -> ArgumentParser:
                     help="requests denoised together (default 8; a CFG request counts two)")
     ap.add_argument("--max-batch-tokens", type=bounded(int, "--max-batch-tokens", 1), default=16384,
                     help="token budget of the running requests' whole sequences (default 16384)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="replay forwards of up to 2048 padded tokens from CUDA graphs (needs a CUDA device)")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay forwards of up to 2048 padded tokens from CUDA graphs (default: on for a CUDA "
+                         "device; --no-cuda-graphs saves their memory pool)")
     ap.add_argument("--max-model-len", type=bounded(int, "--max-model-len", 1), default=None,
                     help="longest prompt plus canvas (default: the model's context, or what --kv-cache-memory holds)")
     ap.add_argument("--kv-cache-memory", type=byte_size("--kv-cache-memory"), default=None,

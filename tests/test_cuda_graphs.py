@@ -103,7 +103,11 @@ def test_graph_shapes_pad_rows_and_full_lengths_up_to_the_token_cap(llada_dir):
 
 
 def test_cuda_graphs_need_a_cuda_device(llada_dir):
+    """By default they are on for a CUDA device only; asked for elsewhere, they are refused."""
     model = load_model(llada_dir, device="cpu")
+    assert EngineCore(model, Detokenizer(None, frozenset())).graphs is None
+    if torch.cuda.is_available():
+        assert EngineCore(load_model(llada_dir, device="cuda"), Detokenizer(None, frozenset())).graphs is not None
     with pytest.raises(ValueError, match=r"^cuda_graphs needs a CUDA device; the model is on cpu$"):
         EngineCore(model, Detokenizer(None, frozenset()), cuda_graphs=True)
     with pytest.raises(ValueError, match=r"^cuda_graphs needs a CUDA device, got cpu$"):
