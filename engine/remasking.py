@@ -2,8 +2,8 @@
 
 Proposals run on the model's device for every request of a forward call at once, and reach the host in one
 transfer; selection runs on the host, on a few numbers per request. So a forward call's requests wait on the
-device once, however many they are. Everything runs in float64, as LLaDA's reference does, so that ties and near-ties resolve
-the same.
+device once, however many they are. Everything runs in float64, as LLaDA's reference does, so that ties and
+near-ties resolve the same.
 """
 from __future__ import annotations
 
