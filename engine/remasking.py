@@ -39,7 +39,9 @@ def propose(rows: list[Tensor], params: list[SamplingParams], gens: list[torch.G
         chunks[-1].append(i)
         size += r.numel()
     x0, conf = zip(*(_propose_chunk(rows, params, gens, chunk) for chunk in chunks))
-    x0, conf = torch.cat(x0).cpu(), torch.cat(conf).cpu()  # the one wait on the device
+    # one transfer, so one wait on the device (token ids are exact in float64)
+    x0, conf = torch.stack((torch.cat(x0).double(), torch.cat(conf))).cpu()
+    x0 = x0.long()
     sizes = [len(r) for r in rows]
     return list(zip(x0.split(sizes), conf.split(sizes)))
 
