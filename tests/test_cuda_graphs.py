@@ -134,3 +134,17 @@ def test_cuda_graph_replays_match_eager_logits(model_dir):
     graphs.forward = checked_forward
     drain(core, {2 * i: r for i, r in enumerate(REQUESTS)})
     assert len(checked) > graphs.captures > 0 and set(checked) == {True, False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captures_hold_no_memory_but_their_outputs():
+    """Each capture used to warm up on a new stream, and cuBLAS keeps a workspace (4 to 32 MiB) per stream for
+    good: after the first capture, more captures of GEMMs may only add their outputs to allocated memory."""
+    from qdllm.engine.cuda_graphs import CudaGraphCapture
+    capture = CudaGraphCapture()
+    a = torch.randn(256, 256, device="cuda", dtype=torch.float16)
+    capture(lambda: a @ a)  # the side stream's cuBLAS workspace, once per process
+    before = torch.cuda.memory_allocated()
+    outs = [capture(lambda n=n: a[:n] @ a)[1] for n in (64, 128, 192)]
+    grown = torch.cuda.memory_allocated() - before
+    assert grown <= sum(o.numel() * o.element_size() for o in outs) + (1 << 20)
