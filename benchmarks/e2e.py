@@ -10,7 +10,9 @@
 With random weights (--shape) no token reaches a confidence threshold, and timing does not depend on the
 weight values, so b-d commit a synthetic `--tokens-per-step` K instead: the linear schedule with
 steps = gen / K. With real weights (--model/--artifact) they use the threshold itself. Tokens/s counts
-generated tokens only (never the prompt) over the wall time of the whole batch. The record also holds a
+generated tokens only (never the prompt) over the wall time of the whole batch. Peak memory is torch's
+allocated peak (tensors alive) and its reserved peak (what the process held from the device, with the
+allocator's cache and the CUDA graphs' pool), both without the CUDA context. The record also holds a
 what-fits-where table: weight and KV bytes, and a bandwidth-bound decode estimate per device.
 Writes JSON and a PNG to benchmarks/results/.
 """
@@ -304,6 +306,8 @@ def main() -> None:
                     "tokens_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]},
                     "latency_s": sorted(r["latency_s"] for r in runs), "nfe_per_request": runs[0]["nfe"],
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+                    # what the process held from the device: the cached blocks and the graphs' memory pool too
+                    "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else None,
                     "kv_pool_gb": core.pool.nbytes / 1e9,
                     "profile": profile_run(core, prompts, sp) if args.profile else None})
                 speedups(results)
@@ -316,9 +320,11 @@ def main() -> None:
         del model
     bar.close()
     for r in results:
-        mem = "" if r["peak_memory_gb"] is None else f", peak {r['peak_memory_gb']:.2f} GB"
+        mem = "" if r["peak_memory_gb"] is None else (f", peak {r['peak_memory_gb']:.2f} GB allocated, "
+                                                      f"{r['peak_reserved_gb']:.2f} GB reserved")
         print(f"{r['label']:>36} batch {r['batch']:>2}: {r['tokens_per_s']['median']:8.1f} tok/s "
-              f"({ratio(r['speedup_vs_a'])} vs a, {ratio(r['speedup_vs_b'])} vs b), nfe {r['nfe_per_request']:.0f}{mem}")
+              f"({ratio(r['speedup_vs_a'])} vs a, {ratio(r['speedup_vs_b'])} vs b), "
+              f"nfe {r['nfe_per_request']:.0f}{mem}")
         if r["profile"]:
             pr = r["profile"]
             print(f"{'':>36} per step: {pr['wall_ms_per_step']:.2f} ms wall, {pr['device_busy_ms_per_step']:.2f} ms "

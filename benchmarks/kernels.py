@@ -259,7 +259,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from qdllm.kernels import dequantize
-    from qdllm.kernels.dispatch import DEFAULT_CONFIG, GPU_CONFIGS
+    from qdllm.kernels.dispatch import config_for
 
     models = args.models.split(",")
     unknown = [m for m in models if m not in SHAPES]
@@ -273,7 +273,7 @@ def main() -> None:
     print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
     limits = device_limits(args.repeats)
     jobs = [(model, shape, n, k) for model in models for shape, (n, k) in SHAPES[model].items()]
-    config = GPU_CONFIGS.get(env["device"], DEFAULT_CONFIG)
+    config = config_for(torch.device("cuda"))
     settings = {"models": models, "ms": ms, "block_size": args.block_size, "repeats": args.repeats,
                 "seed": args.seed, "activations": "bfloat16", "order_mix": "5% order 1, 5% order 3, rest 2",
                 "gemv_timed_up_to_M": GEMV_MAX_M, "fma_timed_up_to_M": FMA_MAX_M, "graph_calls": GRAPH_CALLS,

@@ -5,8 +5,8 @@ tensor cores' operand registers), else split-K GEMV (for the fewest rows, on FMA
 faster), the tile kernel up to a crossover, and above it Ŵᵀ written for the call by the dequantize kernel, then
 torch.matmul (cuBLAS wins once the GEMM is compute-bound). The dense weight is not cached: a cache per
 linear would rebuild the whole fp16 model in memory. The crossovers differ per GPU, so they live in
-GPU_CONFIGS, keyed by device name, as measured by benchmarks/kernels.py; tile shapes themselves are
-autotuned by Triton.
+GPU_CONFIGS, keyed by device name, as measured by benchmarks/kernels.py (other GPUs from sm_80 take the H100's);
+tile shapes themselves are autotuned by Triton.
 
 The kernel paths do no host sync and allocate only the output (and, for split-K, its fp32 buffer), so
 they can be captured in a CUDA graph once a warm-up call has autotuned.
@@ -45,6 +45,9 @@ GPU_CONFIGS: dict[str, DispatchConfig] = {
     # kernels-llada-mma-nvidia-h100-80gb-hbm3.json (2026-11-25: the mma kernel against the dequantize path)
     "NVIDIA H100 80GB HBM3": DispatchConfig(mma_max_m=64, gemv_max_m=32, plane_dot_max_m=32, dense_min_m=64),
 }
+# A GPU not measured yet, sm_80 or later (the mma kernel's tensor-core instruction), takes the H100's crossovers:
+# the only ones measured, where every other path was slower than the mma kernel up to M = 64.
+UNMEASURED_SM80 = GPU_CONFIGS["NVIDIA H100 80GB HBM3"]
 
 @functools.cache
 def _bcq() -> ModuleType | None:
@@ -71,10 +74,14 @@ def _bcq_mma() -> ModuleType | None:
 
 
 @functools.cache
-def _config(device: torch.device) -> DispatchConfig:
+def config_for(device: torch.device) -> DispatchConfig:
+    """The crossovers the dispatcher uses on `device`: its own measured ones, else by compute capability."""
     if device.type != "cuda":  # the interpreter
         return DEFAULT_CONFIG
-    return GPU_CONFIGS.get(torch.cuda.get_device_name(device), DEFAULT_CONFIG)
+    name = torch.cuda.get_device_name(device)
+    if name in GPU_CONFIGS:
+        return GPU_CONFIGS[name]
+    return UNMEASURED_SM80 if torch.cuda.get_device_capability(device) >= (8, 0) else DEFAULT_CONFIG
 
 
 def triton_unusable(x: Tensor, w: BCQWeight) -> str | None:
@@ -107,7 +114,7 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
     if reason is not None:
         raise ValueError(f"backend 'triton': {reason}")
     bcq = _bcq()
-    cfg = _config(x.device)
+    cfg = config_for(x.device)
     m = x.numel() // w.in_features
     if m <= cfg.mma_max_m and (mma := _bcq_mma()) is not None and mma.supports(w):
         return mma.bcq_mma(x, w)

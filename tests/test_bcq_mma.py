@@ -200,7 +200,7 @@ def test_gpu_mma_tile_spread():
 def test_gpu_dispatch_takes_mma_up_to_mma_max_m(monkeypatch):
     # at M = 16 the mma kernel comes before the dense path too (the H100's config has both at 64)
     config = dispatch.DispatchConfig(mma_max_m=16, dense_min_m=16)
-    monkeypatch.setattr(dispatch, "_config", lambda device: config)
+    monkeypatch.setattr(dispatch, "config_for", lambda device: config)
     calls, real = [], bcq_mma.bcq_mma
     monkeypatch.setattr(bcq_mma, "bcq_mma", lambda x, w: calls.append(x.shape[0]) or real(x, w))
     codes, _ = random_codes([2, 3, 1, 2], n=300, g=128, seed=2)

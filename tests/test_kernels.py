@@ -224,6 +224,23 @@ def test_dispatch_uses_the_reference_on_cpu(weight):
     assert torch.equal(bcq_linear(x, weight, backend="torch"), ref)
 
 
+@pytest.mark.parametrize("name, capability, expected", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), dispatch.GPU_CONFIGS["NVIDIA H100 80GB HBM3"]),
+    ("NVIDIA GeForce RTX 4090", (8, 9), dispatch.GPU_CONFIGS["NVIDIA H100 80GB HBM3"]),  # unmeasured: the H100's
+    ("Orin", (8, 7), dispatch.GPU_CONFIGS["NVIDIA H100 80GB HBM3"]),
+    ("Tesla T4", (7, 5), dispatch.DEFAULT_CONFIG),  # no bf16 mma.m16n8k16: the mma kernel stays off
+])
+def test_dispatch_config_by_device_name_then_capability(monkeypatch, name, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dispatch.config_for.cache_clear()
+    try:
+        assert dispatch.config_for(torch.device("cuda", 0)) == expected
+        assert dispatch.config_for(torch.device("cpu")) == dispatch.DEFAULT_CONFIG
+    finally:
+        dispatch.config_for.cache_clear()
+
+
 @needs_triton
 @pytest.mark.parametrize("m", [2, 17, 256])  # GEMV, tile, dequantize kernel + matmul
 def test_dispatch_triton_paths(weight, m):
@@ -234,7 +251,7 @@ def test_dispatch_triton_paths(weight, m):
 @needs_triton
 def test_dispatch_takes_the_fma_variant_up_to_fma_max_m(weight, monkeypatch):
     """A GPU whose measured crossovers put the FMA variant first gets it up to fma_max_m rows, then the dot."""
-    monkeypatch.setattr(dispatch, "_config", lambda device: dispatch.DispatchConfig(fma_max_m=2, gemv_max_m=16))
+    monkeypatch.setattr(dispatch, "config_for", lambda device: dispatch.DispatchConfig(fma_max_m=2, gemv_max_m=16))
     variants, gemv = [], bcq.bcq_gemv
     monkeypatch.setattr(bcq, "bcq_gemv", lambda x, w, variant: variants.append(variant) or gemv(x, w, variant))
     for m in (1, 2, 3):
