@@ -8,6 +8,8 @@
 #                  models,engine}.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
+#   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 64 to 256, the prefix
+#                  cache's window sizes at batch 1: where the dispatcher's mma_max_m should end
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
@@ -27,7 +29,7 @@ LIMIT=${STEP_LIMIT:-540}
 LOGS=build/gpu-logs
 ARTIFACT=build/shakespeare-2bit
 RESULTS=benchmarks/results
-STEPS=(check kernels-llada kernels-dream convert e2e e2e-graphs profile serve)
+STEPS=(check kernels-llada kernels-dream kernels-mma convert e2e e2e-graphs profile serve)
 
 [[ $LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: STEP_LIMIT: expected whole seconds, got '$LIMIT'"; exit 2; }
 for arg in "$@"; do
@@ -47,6 +49,8 @@ run_step() {
         check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
+        kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 64,96,128,192,256 --paths mma,dense \
+                         --out "$RESULTS/kernels-llada-mma-m256-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
         e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --out "$RESULTS/e2e-$SLUG" ;;
