@@ -52,31 +52,39 @@ def side_stream(device: int) -> torch.cuda.Stream:
 
 
 class CudaGraphCapture:
-    """capture(fn) -> (replay, output): fn run once to warm up, then recorded, both on `side_stream`. The live
-    graphs share one memory pool, which is safe because replays never overlap (one engine thread, one stream).
-    Once every graph of a pool is gone (all dropped when the KV pool grows), torch releases the pool, and its
-    handle must not be captured into again: the next capture starts a new one."""
+    """capture(fn) -> (replay, output): fn run once to warm up, then recorded, both on the `side_stream` of the
+    model's device. That device is made current for the capture (Triton launches on the current device, whichever
+    the tensors are on) and for each replay (which runs on the current device's stream).
+    The live graphs share one memory pool, which is safe because replays never overlap (one engine thread, one
+    stream). Once every graph of a pool is gone (all dropped when the KV pool grows), torch releases the pool,
+    and its handle must not be captured into again: the next capture starts a new one."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.pool, self.live = None, 0
 
     def _gone(self) -> None:
         self.live -= 1
 
     def __call__(self, fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
-        if self.live == 0:
-            self.pool = torch.cuda.graph_pool_handle()
-        stream = side_stream(torch.cuda.current_device())
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # outside the capture: Triton autotuning, the stream's cuBLAS workspace and other first-call work
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            out = fn()
+        with torch.cuda.device(self.device):
+            if self.live == 0:
+                self.pool = torch.cuda.graph_pool_handle()
+            stream = side_stream(torch.cuda.current_device())
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # outside the capture: Triton autotuning, the stream's cuBLAS workspace, other first-call work
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                out = fn()
         self.live += 1
         weakref.finalize(graph, self._gone)
-        return graph.replay, out
+        return functools.partial(self._replay, graph), out
+
+    def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        with torch.cuda.device(self.device):  # on the current stream of the graph's device, after the input copies
+            graph.replay()
 
 
 class ForwardGraphs:
@@ -86,7 +94,7 @@ class ForwardGraphs:
                  max_tokens: int = 2048):
         self.model, self.max_num_seqs = model, max_num_seqs
         self.max_graphs, self.max_tokens = max_graphs, max_tokens
-        self.capture = capture if capture is not None else CudaGraphCapture()
+        self.capture = capture if capture is not None else CudaGraphCapture(model.embed.weight.device)
         self.graphs: OrderedDict[tuple, tuple[Callable[[], None], list[Tensor], Tensor]] = OrderedDict()
         self.pool_k: Tensor | None = None
         self.captures = 0

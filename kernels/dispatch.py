@@ -113,6 +113,14 @@ def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
         return bcq_linear_reference(x, w)
     if reason is not None:
         raise ValueError(f"backend 'triton': {reason}")
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current device; torch's ops follow their tensors
+            return _triton_linear(x, w)
+    return _triton_linear(x, w)
+
+
+def _triton_linear(x: Tensor, w: BCQWeight) -> Tensor:
+    """The Triton path for M = x's rows, as measured on x's device."""
     bcq = _bcq()
     cfg = config_for(x.device)
     m = x.numel() // w.in_features

@@ -141,10 +141,23 @@ def test_captures_hold_no_memory_but_their_outputs():
     """Each capture used to warm up on a new stream, and cuBLAS keeps a workspace (4 to 32 MiB) per stream for
     good: after the first capture, more captures of GEMMs may only add their outputs to allocated memory."""
     from qdllm.engine.cuda_graphs import CudaGraphCapture
-    capture = CudaGraphCapture()
+    capture = CudaGraphCapture(torch.device("cuda", 0))
     a = torch.randn(256, 256, device="cuda", dtype=torch.float16)
     capture(lambda: a @ a)  # the side stream's cuBLAS workspace, once per process
     before = torch.cuda.memory_allocated()
     outs = [capture(lambda n=n: a[:n] @ a)[1] for n in (64, 128, 192)]
     grown = torch.cuda.memory_allocated() - before
     assert grown <= sum(o.numel() * o.element_size() for o in outs) + (1 << 20)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_model_on_the_second_gpu_gives_the_first_gpus_tokens(shipped_artifact, cuda_graphs):
+    """Triton launches on the current device, which stays cuda:0 here: the kernels, the captures and the replays
+    must all run on cuda:1 for the 2-bit model there."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    sp = SamplingParams(max_tokens=32, steps=16, block_length=16, cache="dual", ignore_eos=True)
+    runs = [LLM(shipped_artifact, device=device, cuda_graphs=cuda_graphs).generate(prompts, sp)
+            for device in ("cuda:0", "cuda:1")]
+    assert torch.cuda.current_device() == 0
+    assert [o.token_ids for o in runs[1]] == [o.token_ids for o in runs[0]]
