@@ -13,8 +13,8 @@ window forward reads to a multiple of LENGTH_STEP too, so sequences of different
 padding tokens are masked out of attention and store their K/V at the pool's scratch position, and padded
 reads read the scratch position, masked out as well. Forwards of more than
 `max_tokens` padded tokens stay eager: their compute dwarfs the launches, and their activations would stay
-reserved in the graphs' memory pool. A graph reads its inputs from, and writes its logits to, fixed tensors:
-the logits a replay returns stay valid until the same graph replays again.
+reserved in the graphs' memory pool. A graph reads its inputs from fixed tensors, and writes its logits to one
+buffer that all graphs share: the logits a replay returns stay valid until the next replay.
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class ForwardGraphs:
         self.capture = capture if capture is not None else CudaGraphCapture(model.embed.weight.device)
         self.graphs: OrderedDict[tuple, tuple[Callable[[], None], list[Tensor], Tensor]] = OrderedDict()
         self.pool_k: Tensor | None = None
+        self.logits: Tensor | None = None  # every graph's logits, flat (`_shared`)
         self.captures = 0
 
     def shape(self, batch: int, length: int, read: int, full: bool) -> tuple[int, int, int] | None:
@@ -126,10 +127,23 @@ class ForwardGraphs:
                 dst.copy_(src, non_blocking=True)
         else:
             static = [t.to(self.model.embed.weight.device, copy=True) for t in inputs]
-            replay, out = self.capture(lambda: run_forward(self.model, pool, full, *static))
+            replay, out = self.capture(lambda: self._shared(run_forward(self.model, pool, full, *static)))
             self.graphs[key] = (replay, static, out)
             self.captures += 1
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         replay()
+        return out
+
+    def _shared(self, logits: Tensor) -> Tensor:
+        """logits copied into the one buffer that every graph writes them to, as a view of their shape: a replay's
+        logits are read before the next replay, so one buffer serves all graphs, where a graph's own would stay
+        allocated as long as it lives (up to 32, each rows x n x vocab). The capture's warm-up call grows the
+        buffer when needed, so the capture itself allocates nothing; graphs captured before a growth keep the old
+        buffer alive through their view."""
+        n = logits.numel()
+        if self.logits is None or self.logits.numel() < n or self.logits.dtype != logits.dtype:
+            self.logits = torch.empty(n, dtype=logits.dtype, device=logits.device)
+        out = self.logits[:n].view(logits.shape)
+        out.copy_(logits)
         return out

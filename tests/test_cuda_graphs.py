@@ -9,7 +9,7 @@ import pytest
 import torch
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
 from qdllm.engine.cuda_graphs import ForwardGraphs, run_forward
-from test_engine import REQUESTS, alone, drain
+from test_engine import REQUESTS, alone, drain, drain_one
 
 
 class Replaying:
@@ -75,6 +75,27 @@ def test_a_growing_pool_drops_the_graphs_that_hold_the_old_one(llada_dir):
     assert core.pool.k is not old and core.pool.pages == 11  # 164 positions: grown when the long one came
     assert {key[4] for key in core.graphs.graphs} == {192}  # only the long request's: 164 positions read, padded
     assert out.token_ids == alone(model, *long).token_ids
+
+
+def test_graphs_share_one_logits_buffer(llada_dir):
+    """Four rows' logits first, then one row's, of other shapes: every live graph writes its logits into the one
+    buffer, which the first capture sized, and the tokens are those of eager forwards."""
+    model = load_model(llada_dir)
+    sp = SamplingParams(max_tokens=16, steps=8, block_length=8, cache="dual", ignore_eos=True)
+    batch = [([5 + i, 6, 7], sp) for i in range(4)]
+    single = (list(range(3, 40)), SamplingParams(max_tokens=16, steps=8, block_length=8, cache="prefix",
+                                                  ignore_eos=True))
+    core = graph_core(model)
+    ids = [core.add_request(*r) for r in batch]
+    replayed = drain(core)
+    buffer = core.graphs.logits
+    assert buffer.numel() == 4 * 8 * model.config.vocab_size
+    lone = drain_one(core, *single)
+    outs = [out for _, _, out in core.graphs.graphs.values()]
+    assert core.graphs.logits is buffer and len({out.shape for out in outs}) >= 2
+    assert {out.untyped_storage().data_ptr() for out in outs} == {buffer.data_ptr()}
+    assert lone.token_ids == alone(model, *single).token_ids
+    assert [replayed[i][-1].token_ids for i in ids] == [alone(model, *r).token_ids for r in batch]
 
 
 def test_sequences_of_different_lengths_share_their_graphs(llada_dir):
