@@ -8,7 +8,7 @@ eviction. The real capture runs in the CUDA test at the end.
 import pytest
 import torch
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
-from qdllm.engine.cuda_graphs import ForwardGraphs, run_forward
+from qdllm.engine.cuda_graphs import CudaGraphCapture, ForwardGraphs, run_forward
 from test_engine import REQUESTS, alone, drain, drain_one
 
 
@@ -161,7 +161,6 @@ def test_cuda_graph_replays_match_eager_logits(model_dir):
 def test_captures_hold_no_memory_but_their_outputs():
     """Each capture used to warm up on a new stream, and cuBLAS keeps a workspace (4 to 32 MiB) per stream for
     good: after the first capture, more captures of GEMMs may only add their outputs to allocated memory."""
-    from qdllm.engine.cuda_graphs import CudaGraphCapture
     capture = CudaGraphCapture(torch.device("cuda", 0))
     a = torch.randn(256, 256, device="cuda", dtype=torch.float16)
     capture(lambda: a @ a)  # the side stream's cuBLAS workspace, once per process
