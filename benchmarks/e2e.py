@@ -54,7 +54,7 @@ CONFIGS = {"a": ("dense", "none", False), "b": ("dense", "prefix", True), "c": (
 def random_model(cfg: ModelConfig, packed: bool, device: torch.device, dtype: torch.dtype, backend: str,
                  block_size: int = 128) -> DiffusionLM:
     """Random weights; with `packed`, every decoder linear is a random 2-bit BCQ weight (never dense on the
-    device, so the peak memory is the packed model's)."""
+    device, so the peak memory is the packed model's). `backend` picks the kernels, as `load_model`'s does."""
     with torch.device("meta"):
         model = DiffusionLM(cfg)
     if packed:
@@ -64,6 +64,7 @@ def random_model(cfg: ModelConfig, packed: bool, device: torch.device, dtype: to
                 w = random_weight(lin.out_features, lin.in_features, block_size, 1000 * i + j, device)
                 setattr(layer, name, QuantLinear(w, backend))
     model = model.to_empty(device=device).to(dtype)
+    model.backend = backend
     gen = torch.Generator(device).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -205,7 +206,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="dense dtype (default float16 on GPU, float32 on CPU)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
-                    help="kernels of the 2-bit linears; \"dense\" dequantizes them once at load")
+                    help="kernels of every model's elementwise steps and of the 2-bit linears; \"dense\" "
+                         "dequantizes the 2-bit linears once at load")
     ap.add_argument("--cuda-graphs", action="store_true", help="the engine replays forwards from CUDA graphs")
     ap.add_argument("--configs", default="abcd", help="which of a-d to run")
     ap.add_argument("--fits-only", action="store_true", help="with --shape: print the what-fits-where table only")
@@ -237,7 +239,7 @@ def main() -> None:
     else:
         b_eff = read_manifest(Path(args.artifact), verify=False)["effective_bits"]  # as stored, whatever the backend
         tok = load_tokenizer(args.model)
-        build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype),
+        build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype, backend=args.backend),
                  "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}
         cfg = build["dense"]().config
         detok = Detokenizer(tok, end_token_ids(tok, cfg.eos_token_ids))

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh [STEP[:LIMIT] ...]     default: every step, in this order
 #
 #   check          the kernel, CUDA graph, model and engine tests on CUDA (tests/test_{kernels,bcq_mma,cuda_graphs,
-#                  models,engine}.py)
+#                  models,elementwise,engine}.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 64 to 256, the prefix
@@ -46,7 +46,7 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"
 
 run_step() {
     case $1 in
-        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
+        check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_elementwise.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 64,96,128,192,256 --paths mma,dense \

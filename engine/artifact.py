@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qdllm.kernels.dispatch import triton_unusable
 from qdllm.kernels.pack import BCQWeight
 from qdllm.kernels.reference import dequantize
 
@@ -120,9 +119,4 @@ def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | N
             continue
         parent, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, QuantLinear(w.to(device), backend))
-    if backend == "triton" and packed:  # refused now, not at the first forward (a server would fail every request)
-        w = model.get_submodule(next(iter(packed))).weight_packed
-        why = triton_unusable(torch.empty(0, device=device, dtype=dtype), w)
-        if why:
-            raise ValueError(f"backend 'triton' cannot run here: {why}")
     return model.eval().requires_grad_(False)

@@ -234,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
-    ap.add_argument("--backend", choices=BACKENDS, default="auto", help="linear backend for artifacts")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="kernels: auto, torch, triton, or dense (an artifact dequantized at load)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result JSON to this file")
     return ap
 

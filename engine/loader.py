@@ -176,7 +176,7 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                backend: str = "auto") -> DiffusionLM:
     """Build the native model for an HF checkpoint directory or a qdllm artifact; `model(input_ids)` returns
-    logits [B, L, V]. `backend` picks the kernels of packed linears (dense checkpoints have none)."""
+    logits [B, L, V]. `backend` picks the kernels of packed linears and of every layer's elementwise steps."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     device = resolve_device("cpu" if device is None else device)  # else torch fails deep inside, naming no argument
@@ -186,13 +186,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     check_dir(path, "a Hugging Face checkpoint directory")
     if (path / "qdllm.json").exists():
         from .artifact import load_artifact  # the artifact reader builds on this module
-        return load_artifact(path, device, dtype, backend)
-    cfg = read_config(path)
-    dtype = dtype or cfg.torch_dtype or torch.float32
-    model = empty_model(cfg, path)
-    where = shard_files(path)
-    check_layer_count(path, cfg, where)
-    shapes = {name: p.shape for name, p in model.state_dict().items()}
-    state = load_state(path, cfg, shapes, dtype, device, where)
-    model.load_state_dict(state, assign=True)
+        model = load_artifact(path, device, dtype, backend)
+    else:
+        cfg = read_config(path)
+        model = empty_model(cfg, path)
+        where = shard_files(path)
+        check_layer_count(path, cfg, where)
+        shapes = {name: p.shape for name, p in model.state_dict().items()}
+        state = load_state(path, cfg, shapes, dtype or cfg.torch_dtype or torch.float32, device, where)
+        model.load_state_dict(state, assign=True)
+    model.backend = "auto" if backend == "dense" else backend
+    if backend == "triton":  # refused now, not at the first forward (a server would fail every request)
+        why = dispatch.triton_unusable(torch.empty(0, device=device, dtype=model.embed.weight.dtype))
+        if why:
+            raise ValueError(f"backend 'triton' cannot run here: {why}")
     return model.eval().requires_grad_(False)

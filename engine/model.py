@@ -5,9 +5,16 @@ swap dense, fake-quantized and packed layers without touching this file.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from qdllm.kernels.dispatch import use_triton
 
 from .config import ModelConfig
 from .kv_cache import CacheView
@@ -18,6 +25,19 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in fp32 (float64 stays float64) and scale in the activation dtype, as both reference models do.
+    xf = x.to(at_least_fp32(x.dtype))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual stream x + residual, and the next sublayer's input."""
+    x = x + residual
+    return x, rms_norm(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,10 +45,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 (float64 stays float64) and scale in the activation dtype, as both reference models do.
-        xf = x.to(at_least_fp32(x.dtype))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -45,6 +62,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, fp32: bool) -> Tensor:
     cos, sin = cos.to(xr.dtype), sin.to(xr.dtype)
     x1, x2 = xr.chunk(2, dim=-1)
     return (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """A layer's elementwise steps: torch's (the functions above, the reference numerics, and the CPU path) or
+    the Triton kernels' (kernels/elementwise.py, one kernel a step where torch launches up to nine)."""
+
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]
+    add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    rope: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+    silu_mul: Callable[[Tensor, Tensor], Tensor]
+
+
+TORCH_OPS = LayerOps(rms_norm, add_rms_norm, apply_rope, silu_mul)
+
+
+@functools.cache
+def triton_ops() -> LayerOps:
+    from qdllm.kernels import elementwise as k  # imports Triton: only once a forward asks for it
+
+    return LayerOps(k.rms_norm, k.add_rms_norm, k.rope, k.silu_mul)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -90,25 +132,28 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=cfg.bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
-                cache: CacheView | None, layer: int) -> Tensor:
+                cache: CacheView | None, layer: int, ops: LayerOps = TORCH_OPS) -> Tensor:
         cfg, (B, L, _) = self.cfg, x.shape
-        h = self.attn_norm(x)
-        q = apply_rope(self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
-        k = apply_rope(self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
+        h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+        q = ops.rope(self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
+        k = ops.rope(self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim), cos, sin, cfg.rope_fp32)
         v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        x = x + self.o_proj(attention(q, k, v, key_mask))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        x, h = ops.add_rms_norm(x, self.o_proj(attention(q, k, v, key_mask)), self.mlp_norm.weight, self.mlp_norm.eps)
+        return x + self.down_proj(ops.silu_mul(self.gate_proj(h), self.up_proj(h)))
 
 
 class DiffusionLM(nn.Module):
-    """Bidirectional decoder that returns logits only where they are asked for."""
+    """Bidirectional decoder that returns logits only where they are asked for.
+
+    `backend` ("auto", "torch" or "triton", as for packed linears) picks the elementwise steps' kernels: "auto"
+    runs Triton's on CUDA in float16/bfloat16, torch's elsewhere."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.backend = "auto"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -134,13 +179,22 @@ class DiffusionLM(nn.Module):
         x = self.embed(input_ids)
         if cfg.emb_scale != 1.0:
             x = x * cfg.emb_scale
+        ops = triton_ops() if use_triton(x, self.backend) else TORCH_OPS
+        # Triton launches on the current device, not the tensors' (a model on cuda:1)
+        on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+        with on_device:
+            return self._layers(x, cos, sin, mask, cache, logits_at, ops)
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheView | None,
+                logits_at: Tensor | None, ops: LayerOps) -> Tensor:
+        cfg, (B, L, _) = self.config, x.shape
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, ops)
         if cfg.shift_logits:
             idx = torch.arange(L, device=x.device).expand(B, L) if logits_at is None else logits_at
             logits_at = (idx - 1).clamp(min=0)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-        x = self.norm(x)
+        x = ops.rms_norm(x, self.norm.weight, self.norm.eps)
         logits = F.linear(x, self.embed.weight) if cfg.tie_embeddings else self.lm_head(x)
         return logits * cfg.logit_scale if cfg.logit_scale != 1.0 else logits

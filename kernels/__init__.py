@@ -1,4 +1,5 @@
-"""qdllm.kernels: bit packing, the Triton BCQ kernels (bcq.py; bcq_mma.py in Gluon) and their torch reference.
+"""qdllm.kernels: bit packing, the Triton BCQ kernels (bcq.py; bcq_mma.py in Gluon) and their torch reference,
+and the decoder's fused elementwise kernels (elementwise.py).
 Imports no other qdllm folder.
 
 Triton is imported only when a Triton kernel first runs (see dispatch), so this package works without it.

@@ -84,35 +84,39 @@ def config_for(device: torch.device) -> DispatchConfig:
     return UNMEASURED_SM80 if torch.cuda.get_device_capability(device) >= (8, 0) else DEFAULT_CONFIG
 
 
-def triton_unusable(x: Tensor, w: BCQWeight) -> str | None:
-    """Why the Triton kernels cannot take this call, or None."""
+def triton_unusable(x: Tensor, w: BCQWeight | None = None) -> str | None:
+    """Why the Triton kernels cannot take x (and w), or None."""
     bcq = _bcq()
     if bcq is None:
         return "Triton is not installed"
     if not x.is_cuda and not bcq.INTERPRET:
         return f"x is on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1"
-    if x.device != w.planes.device:
+    if w is not None and x.device != w.planes.device:
         return f"x is on {x.device} but the weight is on {w.planes.device}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"x is {x.dtype}; the Triton kernels take float16 or bfloat16"
     return None
 
 
-def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
-    """x [..., K] @ Ŵᵀ (+ bias), in x.dtype.
-
-    "auto" runs Triton on CUDA (float16/bfloat16) and the torch reference elsewhere; "triton" raises
-    ValueError where the kernels cannot run; "torch" always runs the reference.
-    """
+def use_triton(x: Tensor, backend: str, w: BCQWeight | None = None) -> bool:
+    """Whether a call on x runs Triton: "auto" on CUDA where the kernels can, "triton" always (ValueError where
+    they cannot), "torch" never."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
-        return bcq_linear_reference(x, w)
+        return False
     reason = triton_unusable(x, w)
-    if backend == "auto" and (reason is not None or not x.is_cuda):
-        return bcq_linear_reference(x, w)
+    if backend == "auto":
+        return reason is None and x.is_cuda
     if reason is not None:
         raise ValueError(f"backend 'triton': {reason}")
+    return True
+
+
+def bcq_linear(x: Tensor, w: BCQWeight, backend: str = "auto") -> Tensor:
+    """x [..., K] @ Ŵᵀ (+ bias), in x.dtype: Triton or the torch reference, as `use_triton` says."""
+    if not use_triton(x, w=w, backend=backend):
+        return bcq_linear_reference(x, w)
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # Triton launches on the current device; torch's ops follow their tensors
             return _triton_linear(x, w)

@@ -32,7 +32,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
-    ap.add_argument("--backend", choices=BACKENDS, default="auto", help="linear backend for artifacts")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="kernels: auto, torch, triton, or dense (an artifact dequantized at load)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     ap.add_argument("--max-batch", type=bounded(int, "--max-batch", 1, 65536), default=8,
                     help="requests denoised together (default 8; a CFG request counts two)")
