@@ -92,11 +92,12 @@ def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> d
             "latency_s": statistics.median(o.stats.latency_s for o in outs), "nfe": statistics.mean(o.nfe for o in outs)}
 
 
-def profile_run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, top: int = 8) -> dict:
+def profile_run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, top: int = 12) -> dict:
     """One more run under torch.profiler, per engine step: the wall time; the device's busy time (its kernels' and
-    copies' summed time); the kernel and CUDA graph launches, host waits and copies the host issued; and the
-    kernels that took the most time; aten ops count nested ones too. Where busy time is far below wall time, the
-    host bounds the step. The profiler's own overhead makes these walls longer than the timed runs'."""
+    copies' summed time) and its kernels and copies, those of CUDA graph replays included; the kernel and graph
+    launches, host waits and copies the host issued; and the kernels that took the most time; aten ops count
+    nested ones too. Where busy time is far below wall time, the host bounds the step. The profiler's own
+    overhead makes these walls longer than the timed runs'."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = core.device.type == "cuda"
@@ -113,6 +114,7 @@ def profile_run(core: EngineCore, prompts: list[list[int]], params: SamplingPara
     kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "device_busy_ms_per_step": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
+            "device_ops_per_step": sum(e.count for e in on_device) / steps,
             "kernel_launches_per_step": per_step(("cudaLaunchKernel", "cuLaunchKernel")),
             "graph_launches_per_step": per_step(("cudaGraphLaunch",)),
             "host_waits_per_step": per_step(("cudaStreamSynchronize", "cudaDeviceSynchronize",

@@ -60,7 +60,8 @@ def test_e2e_on_the_cpu_with_a_converted_artifact(tmp_path, shipped_artifact):
     for x in record["results"]:
         pr = x["profile"]
         assert pr["steps"] >= x["nfe_per_request"] and pr["wall_ms_per_step"] > 0 and pr["cpu_ops_per_step"] > 50
-        assert (pr["device_busy_ms_per_step"], pr["kernel_launches_per_step"], pr["top_kernels"]) == (0, 0, [])
+        assert (pr["device_busy_ms_per_step"], pr["device_ops_per_step"], pr["kernel_launches_per_step"],
+                pr["top_kernels"]) == (0, 0, 0, [])
     assert "ms wall" in r.stdout
 
 
