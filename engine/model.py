@@ -5,7 +5,6 @@ swap dense, fake-quantized and packed layers without touching this file.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,10 +179,10 @@ class DiffusionLM(nn.Module):
         if cfg.emb_scale != 1.0:
             x = x * cfg.emb_scale
         ops = triton_ops() if use_triton(x, self.backend) else TORCH_OPS
-        # Triton launches on the current device, not the tensors' (a model on cuda:1)
-        on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-        with on_device:
-            return self._layers(x, cos, sin, mask, cache, logits_at, ops)
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
+                return self._layers(x, cos, sin, mask, cache, logits_at, ops)
+        return self._layers(x, cos, sin, mask, cache, logits_at, ops)
 
     def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheView | None,
                 logits_at: Tensor | None, ops: LayerOps) -> Tensor:
