@@ -8,12 +8,13 @@
 #                  models,elementwise,engine}.py)
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
-#   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 64 to 256, the prefix
-#                  cache's window sizes at batch 1: where the dispatcher's mma_max_m should end
+#   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 1 to 256: up to 64 against
+#                  the committed table (the one-kernel split-K's price), above it the prefix cache's window sizes
+#                  at batch 1 (where the dispatcher's mma_max_m should end)
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
-#   profile        e2e.py --cuda-graphs --profile for b and c at batch 1 and 16: per step, wall against device
+#   profile        e2e.py --cuda-graphs --profile for b, c and d at batch 1 and 16: per step, wall against device
 #                  busy time, launches and host waits, and the top kernels
 #   serve          benchmarks/serve.py on the shipped model's 2-bit artifact (converted first if missing)
 #
@@ -49,12 +50,12 @@ run_step() {
         check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_elementwise.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
-        kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 64,96,128,192,256 --paths mma,dense \
+        kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 1,16,32,64,96,128,192,256 --paths mma,dense \
                          --out "$RESULTS/kernels-llada-mma-m256-$SLUG" ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
         e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --out "$RESULTS/e2e-$SLUG" ;;
-        profile) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --configs bc --batch 1,16 --repeats 1 \
+        profile) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --configs bcd --batch 1,16 --repeats 1 \
                      --profile --out "$RESULTS/e2e-profile-$SLUG" ;;
         serve)
             if [[ ! -f $ARTIFACT/qdllm.json ]]; then
