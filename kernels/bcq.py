@@ -222,16 +222,14 @@ _tile_kernel = _autotune(_configs("tile"))
 _ZEROS: dict[tuple[torch.device, int, torch.dtype, int], Tensor] = {}
 
 
-def _zeros(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+def _zeros(device: torch.device, stream: int, dtype: torch.dtype, numel: int) -> Tensor:
     """At least numel zeros of dtype, one buffer per device, stream and power-of-two size. Made during a capture,
     it is the graph's own (its fill replays with the graph) and not kept: that fill never ran eagerly."""
-    size = triton.next_power_of_2(max(numel, 1))
-    cuda = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream if cuda else 0, dtype, size)
+    key = (device, stream, dtype, triton.next_power_of_2(max(numel, 1)))
     buf = _ZEROS.get(key)
     if buf is None:
-        buf = torch.zeros(size, dtype=dtype, device=device)
-        if not (cuda and torch.cuda.is_current_stream_capturing()):
+        buf = torch.zeros(key[-1], dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _ZEROS[key] = buf
     return buf
 
@@ -247,7 +245,9 @@ def split_k_buffers(device: torch.device, m: int, n: int) -> tuple[Tensor, Tenso
     That is CUTLASS's split-K semaphore: the adds are atomics, done at L2; a barrier orders each thread's adds
     before one thread's acq_rel arrival, and the last arrival's acquire, shared with the program's threads by a
     barrier, orders the exchanges after every split's adds."""
-    return _zeros(device, torch.float32, m * n), _zeros(device, torch.int32, m * triton.cdiv(n, MIN_BLOCK_N))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return (_zeros(device, stream, torch.float32, m * n),
+            _zeros(device, stream, torch.int32, m * triton.cdiv(n, MIN_BLOCK_N)))
 
 
 def _check(x: Tensor, w: BCQWeight) -> Tensor:
