@@ -11,6 +11,9 @@
 #   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 1 to 256: up to 64 against
 #                  the committed table (the one-kernel split-K's price), above it the prefix cache's window sizes
 #                  at batch 1 (where the dispatcher's mma_max_m should end)
+#   mma-branches   each branch in MMA_BRANCHES (default: mma-loads-first mma-prefetch, unmerged mma kernel
+#                  experiments) from a git worktree in build/worktrees/: its CUDA mma tests, then kernels.py at M 1 to
+#                  64 on LLaDA-8B's shapes, to compare with kernels-mma (the same timing on this commit)
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
@@ -30,7 +33,7 @@ LIMIT=${STEP_LIMIT:-540}
 LOGS=build/gpu-logs
 ARTIFACT=build/shakespeare-2bit
 RESULTS=benchmarks/results
-STEPS=(check kernels-llada kernels-dream kernels-mma convert e2e e2e-graphs profile serve)
+STEPS=(check kernels-llada kernels-dream kernels-mma mma-branches convert e2e e2e-graphs profile serve)
 
 [[ $LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: STEP_LIMIT: expected whole seconds, got '$LIMIT'"; exit 2; }
 for arg in "$@"; do
@@ -52,6 +55,18 @@ run_step() {
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
         kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 1,16,32,64,96,128,192,256 --paths mma,dense \
                          --out "$RESULTS/kernels-llada-mma-m256-$SLUG" ;;
+        mma-branches)
+            for br in ${MMA_BRANCHES:-mma-loads-first mma-prefetch}; do
+                wt=build/worktrees/$br
+                [[ -d $wt ]] || git worktree add -f "$wt" "$br" || return
+                # qdllm imported from the worktree: a directory whose qdllm is the worktree comes first on the path
+                mkdir -p "$wt.path" && ln -sfn "$PWD/$wt" "$wt.path/qdllm"
+                PYTHONPATH="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}" "$BIN/pytest" -q "$wt/tests/test_bcq_mma.py" \
+                    -k "not compiles_for_gpus" || return
+                PYTHONPATH="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}" QDLLM_COMMIT=$(git rev-parse --short "$br") \
+                    "$PY" "$wt/benchmarks/kernels.py" --models llada --ms 1,16,32,64 --paths mma \
+                    --out "$RESULTS/kernels-llada-$br-$SLUG" || return
+            done ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
         e2e-graphs) "$PY" benchmarks/e2e.py --shape llada-8b --cuda-graphs --out "$RESULTS/e2e-$SLUG" ;;

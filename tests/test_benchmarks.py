@@ -24,7 +24,8 @@ def gpu_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, env, message", [
     (("check", "kernels"), {},
-     "gpu.sh: unknown step 'kernels'; steps: check kernels-llada kernels-dream kernels-mma convert e2e e2e-graphs profile serve"),
+     "gpu.sh: unknown step 'kernels'; steps: check kernels-llada kernels-dream kernels-mma mma-branches convert e2e "
+     "e2e-graphs profile serve"),
     (("e2e:ten",), {}, "gpu.sh: 'e2e:ten': expected STEP:LIMIT, LIMIT in whole seconds"),
     (("e2e:0",), {}, "gpu.sh: 'e2e:0': expected STEP:LIMIT, LIMIT in whole seconds"),
     ((), {"STEP_LIMIT": "5m"}, "gpu.sh: STEP_LIMIT: expected whole seconds, got '5m'"),
