@@ -61,11 +61,10 @@ run_step() {
                 [[ -d $wt ]] || git worktree add -f "$wt" "$br" || return
                 # qdllm imported from the worktree: a directory whose qdllm is the worktree comes first on the path
                 mkdir -p "$wt.path" && ln -sfn "$PWD/$wt" "$wt.path/qdllm"
-                PYTHONPATH="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}" "$BIN/pytest" -q "$wt/tests/test_bcq_mma.py" \
-                    -k "not compiles_for_gpus" || return
-                PYTHONPATH="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}" QDLLM_COMMIT=$(git rev-parse --short "$br") \
-                    "$PY" "$wt/benchmarks/kernels.py" --models llada --ms 1,16,32,64 --paths mma \
-                    --out "$RESULTS/kernels-llada-$br-$SLUG" || return
+                local path="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}"
+                PYTHONPATH=$path "$BIN/pytest" -q "$wt/tests/test_bcq_mma.py" -k "not compiles_for_gpus" || return
+                PYTHONPATH=$path QDLLM_COMMIT=$(git rev-parse --short "$br") "$PY" "$wt/benchmarks/kernels.py" \
+                    --models llada --ms 1,16,32,64 --paths mma --out "$RESULTS/kernels-llada-$br-$SLUG" || return
             done ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
