@@ -9,11 +9,12 @@
 #   kernels-llada  benchmarks/kernels.py on LLaDA-8B's linear shapes
 #   kernels-dream  benchmarks/kernels.py on Dream-7B's linear shapes
 #   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 1 to 256: up to 64 against
-#                  the committed table (the one-kernel split-K's price), above it the prefix cache's window sizes
-#                  at batch 1 (where the dispatcher's mma_max_m should end)
-#   mma-branches   each branch in MMA_BRANCHES (default: mma-loads-first mma-prefetch, unmerged mma kernel
-#                  experiments) from a git worktree in build/worktrees/: its CUDA mma tests, then kernels.py at M 1 to
-#                  64 on LLaDA-8B's shapes, to compare with kernels-mma (the same timing on this commit)
+#                  the committed tables, above it the prefix cache's window sizes at batch 1 (where the
+#                  dispatcher's mma_max_m should end)
+#   mma-branches   each branch in MMA_BRANCHES (default: mma-prefetch, an unmerged mma kernel experiment on the
+#                  one-kernel split-K of baeb907) from a git worktree in build/worktrees/: its CUDA mma tests, then
+#                  kernels.py at M 1 to 64 on LLaDA-8B's shapes, to compare with kernels-llada-mma-m256 (baeb907).
+#                  A branch missing from this copy is fetched from build/branches.bundle (git bundle create ...)
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
@@ -56,8 +57,9 @@ run_step() {
         kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 1,16,32,64,96,128,192,256 --paths mma,dense \
                          --out "$RESULTS/kernels-llada-mma-m256-$SLUG" ;;
         mma-branches)
-            for br in ${MMA_BRANCHES:-mma-loads-first mma-prefetch}; do
+            for br in ${MMA_BRANCHES:-mma-prefetch}; do
                 wt=build/worktrees/$br
+                git rev-parse -q --verify "$br" >/dev/null || git fetch -q build/branches.bundle "$br:$br" || return
                 [[ -d $wt ]] || git worktree add -f "$wt" "$br" || return
                 # qdllm imported from the worktree: a directory whose qdllm is the worktree comes first on the path
                 mkdir -p "$wt.path" && ln -sfn "$PWD/$wt" "$wt.path/qdllm"

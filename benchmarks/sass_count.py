@@ -118,8 +118,8 @@ def main() -> None:
     if not (tools / "nvdisasm").is_file():
         sys.exit(f"sass_count.py needs the nvdisasm that Triton's NVIDIA backend ships; {tools} has none")
     ptr = {"x_ptr": "*" + args.dtype, "planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32",
-           "bias_ptr": "*fp16", "sums_ptr": "*fp32", "counts_ptr": "*i32", "y_ptr": "*" + args.dtype, "M": "i32",
-           "N": "i32", "NB": "i32", "stride_xm": "i32", "M_BUCKET": "i32"}
+           "bias_ptr": "*fp16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32",
+           "M_BUCKET": "i32"}
     jobs = []  # (launch, variant, constants, warps, weights a program covers)
     for launch in (x for x in launches if x in ("gemv", "fma")):
         for cfg in bcq._configs(launch):
@@ -148,8 +148,8 @@ def main() -> None:
             elif launch == "mma":  # alpha_c_pairs is in x's dtype; no M_BUCKET
                 fn = bcq_mma._bcq_mma_kernel
                 sig = {"x_ptr": "*" + args.dtype, "planes_ptr": "*i32", "ar_ptr": "*fp16", "acp_ptr": "*" + args.dtype,
-                       "pp_ptr": "*i32", "bias_ptr": "*fp16", "sums_ptr": "*fp32", "counts_ptr": "*i32",
-                       "y_ptr": "*" + args.dtype, "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32"}
+                       "pp_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "NB": "i32",
+                       "stride_xm": "i32"}
             else:
                 fn, sig = bcq._bcq_kernel, ptr
             sass, usage = compile_one(fn, sig, const, warps, args.arch, tools, Path(tmp), gluon=launch == "mma")

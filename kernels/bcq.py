@@ -12,10 +12,9 @@ variants, selected by VARIANT:
   unpacking without its stores, and that kernel unpacked a 4096x4096 weight in about 14 µs on an H100,
   writes included.
 Two launches: `bcq_gemv`, split-K for small and middle M (each program sums K_BLOCKS K-blocks, down to
-one, since a grid over N alone is too small to fill the GPU: on an H100 the tuner always took the finest
-split it was offered), with tiles of its own for "fma", and `bcq_tile`, one program along K, for larger M.
-The K-splits meet in per-device fp32 sums that every launch leaves zero (`split_k_buffers`), so a split-K call
-launches its kernel and nothing else: no fill before it, no cast after it.
+one, and fp32 atomics reduce them, since a grid over N alone is too small to fill the GPU: on an H100 the
+tuner always took the finest split it was offered), with tiles of its own for "fma", and `bcq_tile`, one
+program along K, for larger M.
 For large M, `bcq_dense` writes Ŵᵀ once with a dequantize kernel that shares the tile's unpacking, then
 multiplies with torch.matmul. Which path and variant win at which M is
 measured per GPU by benchmarks/kernels.py.
@@ -46,7 +45,6 @@ SPLIT_BLOCK_M = (16, 32, 64)  # the split-K launch's M tiles; 16 is the smallest
 # Triton 3.9 moves x through shared memory, with two barriers, at every 32-column step.
 FMA_BLOCK_M = (1, 2)
 DEQUANT_BLOCK_N = 64  # the dequantize kernel is bound by its writes; rows of 64 fp16 are 128-byte stores
-MIN_BLOCK_N = 32  # the narrowest N tile of every split-K launch (here and in bcq_mma): it sizes the tile counters
 
 
 @triton.jit
@@ -78,29 +76,12 @@ def _dequant_tile(planes_ptr, ar_ptr, ac_ptr, p_lo, p_hi, c, rn, rj, n_ok, N, G:
 
 
 @triton.jit
-def _split_k_store(acc, sums_ptr, counts_ptr, bias_ptr, y_ptr, rn, n_ok, y_offs, y_ok, HAS_BIAS: tl.constexpr):
-    """This K-split's partial sums of its tile (program ids 0 and 1), as `split_k_buffers` says. The Gluon kernel
-    calls it too, so every tensor here takes its layout from an operand (zeros are y_offs * 0)."""
-    tl.atomic_add(sums_ptr + y_offs, acc, mask=y_ok, sem="relaxed")
-    tl.debug_barrier()
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    if tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel") == tl.num_programs(2) - 1:
-        # Exchanged as int32 bits: the interpreter exchanges no floats, and leaves masked lanes undefined.
-        bits = tl.atomic_xchg(sums_ptr.to(tl.pointer_type(tl.int32)) + y_offs, y_offs * 0, mask=y_ok, sem="relaxed")
-        total = tl.where(y_ok, bits, 0).to(tl.float32, bitcast=True)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_ok)
-        tl.store(counts_ptr + tile, 0)
-
-
-@triton.jit
-def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, sums_ptr, counts_ptr, y_ptr,
+def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, y_ptr,
                 M, N, NB, stride_xm, M_BUCKET,
                 G: tl.constexpr, HAS_BIAS: tl.constexpr, VARIANT: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_BLOCKS: tl.constexpr):
     # M_BUCKET is only an autotuning key: one tuning per power-of-two bucket of M, not per M.
-    # K_BLOCKS: the K-blocks one program sums, its K-split (`split_k_buffers`); 0: all of them, no split.
+    # K_BLOCKS: the K-blocks one program sums, atomically added into fp32 y; 0: all of them, stored in y's dtype.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -141,14 +122,15 @@ def _bcq_kernel(x_ptr, planes_ptr, ar_ptr, ac_ptr, pp_ptr, bias_ptr, sums_ptr, c
                         acc += tl.dot(xs.to(dot_ty), signs) * ar[None, :]
     if VARIANT == "fma":
         acc = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:  # added once, by the first K-split
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_offs = rm[:, None] * N + rn[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
     if K_BLOCKS == 0:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
     else:
-        _split_k_store(acc, sums_ptr, counts_ptr, bias_ptr, y_ptr, rn, n_ok, y_offs, y_ok, HAS_BIAS)
+        tl.atomic_add(y_ptr + y_offs, acc, mask=y_ok, sem="relaxed")  # order is irrelevant to a sum
 
 
 @triton.jit
@@ -214,40 +196,9 @@ def _autotune(configs: list[triton.Config], **extra) -> triton.runtime.Autotuner
     return autotune(_bcq_kernel, configs, ["M_BUCKET", "N", "NB", "G", "VARIANT"], _prune, **extra)
 
 
-_gemv_kernel = _autotune(_configs("gemv"))
-_fma_kernel = _autotune(_configs("fma"))
+_gemv_kernel = _autotune(_configs("gemv"), reset_to_zero=["y_ptr"])
+_fma_kernel = _autotune(_configs("fma"), reset_to_zero=["y_ptr"])
 _tile_kernel = _autotune(_configs("tile"))
-# Buffers that every launch leaves zero, kept for the process: a CUDA graph captured with one holds its address.
-# Keyed by (device, stream, dtype, power-of-two size).
-_ZEROS: dict[tuple[torch.device, int, torch.dtype, int], Tensor] = {}
-
-
-def _zeros(device: torch.device, stream: int, dtype: torch.dtype, numel: int) -> Tensor:
-    """At least numel zeros of dtype, one buffer per device, stream and power-of-two size. Made during a capture,
-    it is the graph's own (its fill replays with the graph) and not kept: that fill never ran eagerly."""
-    key = (device, stream, dtype, triton.next_power_of_2(max(numel, 1)))
-    buf = _ZEROS.get(key)
-    if buf is None:
-        buf = torch.zeros(key[-1], dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _ZEROS[key] = buf
-    return buf
-
-
-def split_k_buffers(device: torch.device, m: int, n: int) -> tuple[Tensor, Tensor]:
-    """The fp32 sums [m, n] and the per-tile arrival counts that a split-K launch of y [m, n] meets in.
-
-    Each program adds its K-split's partial sums to the sums of its tile; the tile's last split to arrive takes
-    the total back with an atomic exchange, leaving zeros, adds the bias, stores y in x's dtype and resets the
-    count. So both buffers are zero between launches, and the launches on one stream share them. A graph keeps
-    those of the stream it was captured on (the one side stream of `engine.cuda_graphs`) and replays on another:
-    replays must not overlap each other, which holds for one engine thread a device.
-    That is CUTLASS's split-K semaphore: the adds are atomics, done at L2; a barrier orders each thread's adds
-    before one thread's acq_rel arrival, and the last arrival's acquire, shared with the program's threads by a
-    barrier, orders the exchanges after every split's adds."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return (_zeros(device, stream, torch.float32, m * n),
-            _zeros(device, stream, torch.int32, m * triton.cdiv(n, MIN_BLOCK_N)))
 
 
 def _check(x: Tensor, w: BCQWeight) -> Tensor:
@@ -260,17 +211,15 @@ def _check(x: Tensor, w: BCQWeight) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, variant: str, split: bool, **tile) -> None:
-    """`split`: a split-K launch; `tile`: BLOCK_M, BLOCK_N, K_BLOCKS and num_warps, when `kernel` is `_bcq_kernel`
-    itself, not a tuner."""
+def _launch(kernel, x2: Tensor, w: BCQWeight, y: Tensor, variant: str, **tile) -> None:
+    """`tile`: BLOCK_M, BLOCK_N, K_BLOCKS and num_warps, when `kernel` is `_bcq_kernel` itself, not a tuner."""
     m, n = x2.shape[0], w.out_features
     if m == 0:
         return
     bias = w.bias if w.bias is not None else w.alpha_r  # any valid pointer when HAS_BIAS is off
-    sums, counts = split_k_buffers(y.device, m, n) if split else (y, y)  # unread without a split
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                          triton.cdiv(w.num_blocks, meta["K_BLOCKS"] or w.num_blocks))
-    kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, sums, counts, y,
+    kernel[grid](x2, w.planes, w.alpha_r, w.alpha_c, w.plane_ptr, bias, y,
                  m, n, w.num_blocks, x2.stride(0), triton.next_power_of_2(m),
                  G=w.block_size, HAS_BIAS=w.bias is not None, VARIANT=variant,
                  UPCAST=INTERPRET and x2.dtype == torch.bfloat16, **tile)
@@ -283,13 +232,14 @@ def _variant(variant: str, allowed: tuple[str, ...]) -> str:
 
 
 def bcq_gemv(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
-    """Split-K path for small and middle M: partial sums over K-blocks, met in `split_k_buffers`. One program
-    covers at most 64 rows of x (2 with "fma"), so above that each M tile unpacks the weight again."""
+    """Split-K path for small and middle M: partial sums over K-blocks added into an fp32 buffer, then cast to
+    x.dtype. One program covers at most 64 rows of x (2 with "fma"), so above that each M tile unpacks the
+    weight again."""
     kernel = _fma_kernel if _variant(variant, VARIANTS) == "fma" else _gemv_kernel
     x2 = _check(x, w)
-    y = torch.empty(x2.shape[0], w.out_features, device=x.device, dtype=x.dtype)
-    _launch(kernel, x2, w, y, variant, split=True)
-    return y.reshape(*x.shape[:-1], w.out_features)
+    y = torch.zeros(x2.shape[0], w.out_features, device=x.device, dtype=torch.float32)
+    _launch(kernel, x2, w, y, variant)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
 
 
 def bcq_tile(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
@@ -297,7 +247,7 @@ def bcq_tile(x: Tensor, w: BCQWeight, variant: str = "dequant") -> Tensor:
     _variant(variant, VARIANTS[:2])
     x2 = _check(x, w)
     y = torch.empty(x2.shape[0], w.out_features, device=x.device, dtype=x.dtype)
-    _launch(_tile_kernel, x2, w, y, variant, split=False)
+    _launch(_tile_kernel, x2, w, y, variant)
     return y.reshape(*x.shape[:-1], w.out_features)
 
 

@@ -15,8 +15,7 @@ permuted in registers, then one trip through shared memory per K-block), and alp
 that order and in x's dtype (`alpha_c_pairs`: 2 x 2.05 bytes per input column).
 
 A program covers BLOCK_M rows of x, BLOCK_N rows of Ŵ and K_BLOCKS K-blocks, whose planes it sums in
-registers before one dot over the block; the K-splits meet in `bcq.split_k_buffers`, through the Triton kernel's
-own epilogue (Gluon calls a Triton function whose tensors all take their operands' layouts). The plane sum is
+registers before one dot over the block; fp32 atomics add the K-splits, as in `bcq.bcq_gemv`. The plane sum is
 rounded to x's dtype at each plane (packed FMA), where the reference rounds once: within the tests' tolerance,
 not bit-exact. Block sizes must be powers of two from 32 (`supports`).
 
@@ -34,7 +33,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .bcq import _check, _split_k_store, autotune, split_k_buffers
+from .bcq import _check, autotune
 from .pack import BCQWeight
 
 BLOCK_M = (16, 32, 64)  # one M tile per call, the smallest that covers M (mma.m16n8k16 takes 16 rows at least),
@@ -94,9 +93,9 @@ def _x_block(x_ptr, M, stride_xm, b, a_l: gl.constexpr, BLOCK_M_: gl.constexpr, 
 
 
 @gluon.jit
-def _bcq_mma_kernel(x_ptr, planes_ptr, ar_ptr, acp_ptr, pp_ptr, bias_ptr, sums_ptr, counts_ptr, y_ptr,
-                    M, N, NB, stride_xm, G: gl.constexpr, HAS_BIAS: gl.constexpr, FIRST_ASM: gl.constexpr,
-                    NEXT_ASM: gl.constexpr, BLOCK_M_: gl.constexpr, BLOCK_N: gl.constexpr, K_BLOCKS: gl.constexpr):
+def _bcq_mma_kernel(x_ptr, planes_ptr, ar_ptr, acp_ptr, pp_ptr, bias_ptr, y_ptr, M, N, NB, stride_xm,
+                    G: gl.constexpr, HAS_BIAS: gl.constexpr, FIRST_ASM: gl.constexpr, NEXT_ASM: gl.constexpr,
+                    BLOCK_M_: gl.constexpr, BLOCK_N: gl.constexpr, K_BLOCKS: gl.constexpr):
     NW: gl.constexpr = gl.num_warps()
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -129,10 +128,11 @@ def _bcq_mma_kernel(x_ptr, planes_ptr, ar_ptr, acp_ptr, pp_ptr, bias_ptr, sums_p
         acc = mma_v2(x, gl.convert_layout(gl.reshape(w, [G, BLOCK_N]), b_l, assert_trivial=True), acc)
     rm = gl.program_id(0) * BLOCK_M_ + gl.arange(0, BLOCK_M_, layout=gl.SliceLayout(1, mma))
     rn_y = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-    n_ok = rn_y < N
-    y_ok = (rm < M)[:, None] & n_ok[None, :]
-    _split_k_store(acc, sums_ptr, counts_ptr, bias_ptr, y_ptr, rn_y, n_ok, rm[:, None] * N + rn_y[None, :], y_ok,
-                   HAS_BIAS)
+    if HAS_BIAS:
+        if pid_k == 0:  # added once, by the first K-split
+            acc += gl.load(bias_ptr + rn_y, mask=rn_y < N, other=0.0).to(gl.float32)[None, :]
+    y_ok = (rm < M)[:, None] & (rn_y < N)[None, :]
+    gl.atomic_add(y_ptr + rm[:, None] * N + rn_y[None, :], acc, mask=y_ok, sem="relaxed")
 
 
 def _configs() -> list[triton.Config]:
@@ -158,7 +158,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-_kernel = autotune(_bcq_mma_kernel, _configs(), ["BLOCK_M_", "N", "NB", "G"], _prune)
+_kernel = autotune(_bcq_mma_kernel, _configs(), ["BLOCK_M_", "N", "NB", "G"], _prune, reset_to_zero=["y_ptr"])
 _PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # BCQWeight -> {dtype: alpha_c in pair order}
 
 
@@ -181,20 +181,19 @@ def alpha_c_pairs(w: BCQWeight, dtype: torch.dtype) -> Tensor:
 
 def bcq_mma(x: Tensor, w: BCQWeight) -> Tensor:
     """x [..., K] @ Ŵᵀ (+ bias) in x.dtype, for M up to a few tens: the planes summed in registers per K-block,
-    one tensor-core dot per block, the K-splits met in `bcq.split_k_buffers`."""
+    one tensor-core dot per block, K-splits added into an fp32 buffer."""
     x2 = _check(x, w)
     if not supports(w):
         raise ValueError(f"block_size: the mma kernel takes powers of two from 32, got {w.block_size}")
     m, n = x2.shape[0], w.out_features
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     if m:
         # the smallest M tile that covers M, or the largest with BLOCK_M x G <= 8192 (x's block in 128 registers)
         bm = next((t for t in BLOCK_M if t >= m or 2 * t * w.block_size > 8192), BLOCK_M[-1])
         bias = w.bias if w.bias is not None else w.alpha_r  # any valid pointer when HAS_BIAS is off
         grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                              triton.cdiv(w.num_blocks, meta["K_BLOCKS"]))
-        sums, counts = split_k_buffers(x.device, m, n)
-        _kernel[grid](x2, w.planes, w.alpha_r, alpha_c_pairs(w, x.dtype), w.plane_ptr, bias, sums, counts, y,
+        _kernel[grid](x2, w.planes, w.alpha_r, alpha_c_pairs(w, x.dtype), w.plane_ptr, bias, y,
                       m, n, w.num_blocks, x2.stride(0), G=w.block_size, HAS_BIAS=w.bias is not None,
                       FIRST_ASM=ASM[x.dtype, True], NEXT_ASM=ASM[x.dtype, False], BLOCK_M_=bm)
-    return y.reshape(*x.shape[:-1], n)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

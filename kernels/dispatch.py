@@ -8,9 +8,8 @@ linear would rebuild the whole fp16 model in memory. The crossovers differ per G
 GPU_CONFIGS, keyed by device name, as measured by benchmarks/kernels.py (other GPUs from sm_80 take the H100's);
 tile shapes themselves are autotuned by Triton.
 
-The kernel paths do no host sync and allocate only the output (split-K meets in per-device buffers that each
-launch leaves zero, `bcq.split_k_buffers`), so they can be captured in a CUDA graph once a warm-up call has
-autotuned and made those buffers.
+The kernel paths do no host sync and allocate only the output (and, for split-K, its fp32 buffer), so
+they can be captured in a CUDA graph once a warm-up call has autotuned.
 """
 from __future__ import annotations
 
