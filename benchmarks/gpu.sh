@@ -11,10 +11,11 @@
 #   kernels-mma    the mma kernel against the dequantize path on LLaDA-8B's shapes at M 1 to 256: up to 64 against
 #                  the committed tables, above it the prefix cache's window sizes at batch 1 (where the
 #                  dispatcher's mma_max_m should end)
-#   mma-branches   each branch in MMA_BRANCHES (default: mma-prefetch, an unmerged mma kernel experiment on the
-#                  one-kernel split-K of baeb907) from a git worktree in build/worktrees/: its CUDA mma tests, then
-#                  kernels.py at M 1 to 64 on LLaDA-8B's shapes, to compare with kernels-llada-mma-m256 (baeb907).
-#                  A branch missing from this copy is fetched from build/branches.bundle (git bundle create ...)
+#   mma-branches   each branch in MMA_BRANCHES (default: mma-chunks, the mma kernel with one mma per 32-column
+#                  word and M tiles of 128, on main's split-K; then mma-prefetch, on the one-kernel split-K of
+#                  baeb907) from a git worktree in build/worktrees/: its CUDA mma tests, then its mma kernel by
+#                  kernels.py at the M of kernels-mma (MMA_MS) on LLaDA-8B's shapes, to compare with that step's
+#                  table. A branch missing from this copy is fetched from build/branches.bundle (git bundle create)
 #   convert        benchmarks/convert.py --device cuda: seconds per linear, per method
 #   e2e            benchmarks/e2e.py --shape llada-8b: configs a-d at batch 1, 4 and 16
 #   e2e-graphs     the same with --cuda-graphs
@@ -34,6 +35,8 @@ LIMIT=${STEP_LIMIT:-540}
 LOGS=build/gpu-logs
 ARTIFACT=build/shakespeare-2bit
 RESULTS=benchmarks/results
+MMA_MS=1,16,32,64,96,128,192,256  # kernels-mma and mma-branches: up to 64 the small-M tables, above it the
+# prefix cache's window sizes at batch 1
 STEPS=(check kernels-llada kernels-dream kernels-mma mma-branches convert e2e e2e-graphs profile serve)
 
 [[ $LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: STEP_LIMIT: expected whole seconds, got '$LIMIT'"; exit 2; }
@@ -54,10 +57,10 @@ run_step() {
         check) "$BIN/pytest" -q tests/test_kernels.py tests/test_bcq_mma.py tests/test_cuda_graphs.py tests/test_models.py tests/test_elementwise.py tests/test_engine.py -k "not compile_for_gpus and not compiles_for_gpus" ;;
         kernels-llada) "$PY" benchmarks/kernels.py --models llada --out "$RESULTS/kernels-llada-$SLUG" ;;
         kernels-dream) "$PY" benchmarks/kernels.py --models dream --out "$RESULTS/kernels-dream-$SLUG" ;;
-        kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms 1,16,32,64,96,128,192,256 --paths mma,dense \
+        kernels-mma) "$PY" benchmarks/kernels.py --models llada --ms "$MMA_MS" --paths mma,dense \
                          --out "$RESULTS/kernels-llada-mma-m256-$SLUG" ;;
         mma-branches)
-            for br in ${MMA_BRANCHES:-mma-prefetch}; do
+            for br in ${MMA_BRANCHES:-mma-chunks mma-prefetch}; do
                 wt=build/worktrees/$br
                 git rev-parse -q --verify "$br" >/dev/null || git fetch -q build/branches.bundle "$br:$br" || return
                 [[ -d $wt ]] || git worktree add -f "$wt" "$br" || return
@@ -66,7 +69,7 @@ run_step() {
                 local path="$PWD/$wt.path${PYTHONPATH:+:$PYTHONPATH}"
                 PYTHONPATH=$path "$BIN/pytest" -q "$wt/tests/test_bcq_mma.py" -k "not compiles_for_gpus" || return
                 PYTHONPATH=$path QDLLM_COMMIT=$(git rev-parse --short "$br") "$PY" "$wt/benchmarks/kernels.py" \
-                    --models llada --ms 1,16,32,64 --paths mma --out "$RESULTS/kernels-llada-$br-$SLUG" || return
+                    --models llada --ms "$MMA_MS" --paths mma --out "$RESULTS/kernels-llada-$br-$SLUG" || return
             done ;;
         convert) "$PY" benchmarks/convert.py --device cuda --out "$RESULTS/convert-$SLUG" ;;
         e2e) "$PY" benchmarks/e2e.py --shape llada-8b --out "$RESULTS/e2e-$SLUG" ;;
