@@ -58,12 +58,35 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             if sha256_file(shard) != digest:
                 raise CheckpointError(f"{shard}: sha256 does not match {MANIFEST} (the file is corrupt or was "
                                       "changed)")
+        check_config(path, manifest)
     quantization = manifest.get("quantization")
     block_size = quantization.get("block_size") if isinstance(quantization, dict) else None
     if type(block_size) is not int or block_size <= 0 or block_size % 32:
         raise CheckpointError(f"{file}: field 'quantization.block_size' must be a positive multiple of 32, "
                               f"got {block_size!r}")
     return manifest
+
+
+def check_config(path: Path, manifest: dict) -> None:
+    """config.json must be the one the artifact was converted from: the shards' shapes, and so the model, are
+    read from it, and an edited head count or RoPE base would load and compute other logits without a word."""
+    source = manifest.get("source")
+    digest = source.get("config_sha256") if isinstance(source, dict) else None
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{path / MANIFEST}: field 'source.config_sha256' must be the sha256 of config.json")
+    config = path / "config.json"
+    if config.is_file() and sha256_file(config) != digest:
+        raise CheckpointError(f"{config}: sha256 does not match {MANIFEST}'s source.config_sha256 (the file was "
+                              "changed after conversion)")
+
+
+def check_no_extra(where: dict[str, Path], expected: set[str]) -> None:
+    """Every tensor of an artifact's shards is read: one that the model does not take means a damaged or
+    hand-edited shard, whose weights would otherwise be dropped without a word."""
+    extra = sorted(where.keys() - expected)
+    if extra:
+        raise CheckpointError(f"{where[extra[0]]}: unexpected tensor '{extra[0]}' (no part of the model in "
+                              "config.json takes it)")
 
 
 def _tensor(where: dict[str, Path], name: str) -> torch.Tensor:
@@ -109,6 +132,8 @@ def load_artifact(path: Path, device: str | torch.device, dtype: torch.dtype | N
             packed[name] = (prefix, module)
     shapes = {n: p.shape for n, p in model.state_dict().items()
               if not (n.endswith(".weight") and n.removesuffix(".weight") in packed)}
+    check_no_extra(where, {models.checkpoint_name(family, n) for n in shapes}
+                   | {prefix + p for prefix, _ in packed.values() for p in PACKED})
     state = load_state(path, cfg, shapes, dtype, device, where)
     model.load_state_dict(state, assign=True, strict=False)
     for name, (prefix, module) in packed.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,7 @@ from .output import RequestOutput, RequestStats
 from .sampling import SamplingParams
 from .scheduler import EngineCore, EngineStats
 
+log = logging.getLogger("qdllm.engine")
 
 class QueueFullError(RuntimeError):
     """The engine's queue is at its bound; the caller should retry later."""
@@ -144,7 +146,9 @@ class AsyncEngine:
                 outputs = self.core.step()
             except Exception as e:  # e.g. out of device memory: fail what was in flight, keep serving
                 error = EngineError(f"the engine failed: {type(e).__name__}: {e}".splitlines()[0])
-                for request_id in self.core.clear():
+                failed = self.core.clear()
+                log.exception("engine step failed; the requests in flight (%d) fail with it", len(failed))
+                for request_id in failed:
                     self._deliver(request_id, error)
                 continue
             for out in outputs:

@@ -254,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
         for parent in args.json.parents:
             if parent.exists() and not parent.is_dir():
                 fail(f"--json {args.json}: {parent} is a file, not a directory")
+        target = args.json.resolve()
+        if target == args.data.resolve():
+            fail(f"--json {args.json}: is the --data file; writing the result there would destroy it")
+        if target.is_relative_to(args.model.resolve()):
+            fail(f"--json {args.json}: lies in the model folder {args.model}; writing there could destroy its files")
     try:
         result = run(args)
     except ValueError as e:  # CheckpointError, DataError and bad settings: one line each

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -31,9 +32,17 @@ def resolve_device(device: str | torch.device | None, name: str = "device") -> t
         raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"{name} {device!r} is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {device!r}")
     return dev
+
+
+def model_path(path: object) -> Path:
+    """The folder argument of the Python API as a Path; anything else is refused by name (Path() would say only
+    "expected str, bytes or os.PathLike object")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint or artifact folder (a str or Path), got {path!r}")
+    return Path(path)
 
 
 def check_dir(path: Path, expected: str) -> None:
@@ -182,7 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     device = resolve_device("cpu" if device is None else device)  # else torch fails deep inside, naming no argument
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
-    path = Path(path)
+    path = model_path(path)
     check_dir(path, "a Hugging Face checkpoint directory")
     if (path / "qdllm.json").exists():
         from .artifact import load_artifact  # the artifact reader builds on this module

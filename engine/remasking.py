@@ -101,9 +101,26 @@ def select(conf: Tensor, count: int, threshold: float | None, factor: float | No
         return order[keep]
     if factor is not None:
         return order_by_factor(conf, factor)
-    if alg_temp > 0:  # Dream: sample positions without replacement
-        return torch.multinomial((conf / alg_temp).softmax(-1), count, replacement=False, generator=gen)
+    if alg_temp > 0:
+        return sample_positions(conf, count, alg_temp, gen)
     return conf.topk(count).indices
+
+
+def sample_positions(conf: Tensor, count: int, alg_temp: float, gen: torch.Generator) -> Tensor:
+    """Dream's draw of `count` positions without replacement from softmax(conf / alg_temp), made as its reference
+    makes it. A small alg_temp can leave fewer nonzero probabilities than `count`; torch then fills the draw with
+    positions of probability 0, in no order of confidence. Here the rest are drawn the same way from the positions
+    left, whose softmax no longer underflows."""
+    logits, left, chosen = conf / alg_temp, torch.arange(len(conf), device=conf.device), []
+    while count > 0:
+        p = logits[left].softmax(-1)
+        pick = torch.multinomial(p, min(count, int(torch.count_nonzero(p))), replacement=False, generator=gen)
+        chosen.append(left[pick])
+        count -= len(pick)
+        keep = torch.ones(len(left), dtype=torch.bool, device=conf.device)
+        keep[pick] = False
+        left = left[keep]
+    return torch.cat(chosen)
 
 
 def order_by_factor(conf: Tensor, factor: float) -> Tensor:

@@ -24,6 +24,11 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 # The references guide with scales of a few units. Far above, guidance only makes the distribution one-hot,
 # and near fp32's range the guided logits overflow to inf and NaN.
 MAX_CFG = 100
+# Gumbel-max adds temperature * log(-log u), up to 37 temperatures in size, and alg_temp divides a confidence of
+# at most 24 in size: these bounds keep both finite in float64. They refuse only settings that act as the bounds
+# do to float64's resolution (a uniform draw; a top-k choice), and would otherwise overflow to inf and NaN.
+MAX_TEMPERATURE = 1e300
+MIN_ALG_TEMP = 1e-300
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class SamplingParams:
                   (default: one token per step). Ignored with `threshold` or `factor`.
     block_length: semi-autoregressive block size; one longer than max_tokens shrinks to it (one global
                   block, as Dream decodes).
-    temperature:  0 is greedy; above 0, Gumbel-max sampling in float64.
+    temperature:  0 is greedy; above 0, Gumbel-max sampling in float64 (at most 1e300, where it is uniform).
     top_p:        nucleus filter applied before sampling and to the confidence distribution.
     remasking:    which masked tokens to commit first: low_confidence (probability of the chosen token),
                   margin (top-1 minus top-2), entropy (negative entropy), random (uniform), or origin
@@ -52,7 +57,8 @@ class SamplingParams:
     seed:         seeds this request's own generator, so results do not depend on other requests.
     stop:         strings that end the text; the stop string itself is not returned.
     ignore_eos:   decode the whole canvas and return it, EOS tokens included.
-    alg_temp:     Dream: above 0, positions are sampled from softmax(confidence / alg_temp) instead of top-k.
+    alg_temp:     Dream: 0, or at least 1e-300: positions are then sampled from softmax(confidence / alg_temp)
+                  instead of taken by top-k.
     schedule:     linear (LLaDA: even split per block) or timestep (Dream: 1 - s/t of the remaining masks);
                   default: the model family's own.
     presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: a token's logits are lowered by presence_penalty if
@@ -93,7 +99,8 @@ class SamplingParams:
         check("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1")
         check("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "null or an integer >= 1")
         check("block_length", _is_int(self.block_length) and self.block_length >= 1, "an integer >= 1")
-        check("temperature", _is_num(self.temperature) and self.temperature >= 0, "a number >= 0")
+        check("temperature", _is_num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+              f"a number in [0, {MAX_TEMPERATURE:g}]")
         check("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
         object.__setattr__(self, "remasking", REMASKING_ALIASES.get(self.remasking, self.remasking))
         check("remasking", self.remasking in REMASKING, f"one of {list(REMASKING) + list(REMASKING_ALIASES)}")
@@ -116,7 +123,8 @@ class SamplingParams:
                              "empty string")
         object.__setattr__(self, "stop", tuple(self.stop))
         check("ignore_eos", type(self.ignore_eos) is bool, "true or false")
-        check("alg_temp", _is_num(self.alg_temp) and self.alg_temp >= 0, "a number >= 0")
+        check("alg_temp", _is_num(self.alg_temp) and (self.alg_temp == 0 or self.alg_temp >= MIN_ALG_TEMP),
+              f"0 or a number >= {MIN_ALG_TEMP:g}")
         check("schedule", self.schedule is None or self.schedule in SCHEDULES, f"null or one of {list(SCHEDULES)}")
         for name in ("presence_penalty", "frequency_penalty"):
             check(name, _is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, "a number in [-2, 2]")

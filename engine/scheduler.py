@@ -117,8 +117,13 @@ class EngineCore:
                  max_batch_tokens: int = 16384, max_model_len: int | None = None,
                  cuda_graphs: bool | None = None, kv_cache_memory: int | None = None):
         cfg = model.config
-        if max_num_seqs < 1 or max_batch_tokens < 1:
-            raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_batch_tokens", max_batch_tokens),
+                            ("max_model_len", max_model_len), ("kv_cache_memory", kv_cache_memory)):
+            optional = name in ("max_model_len", "kv_cache_memory")
+            if not (optional and value is None) and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer >= 1, got {value!r}")
+        if cuda_graphs is not None and type(cuda_graphs) is not bool:
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         self.model, self.detok = model, detokenizer
         self.device = model.embed.weight.device
         if cuda_graphs and self.device.type != "cuda":

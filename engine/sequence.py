@@ -10,7 +10,6 @@ Dream's `diffusion_generate`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ def block_layout(params: SamplingParams) -> tuple[int, int]:
     """(block length, number of blocks): the canvas is max_tokens rounded up to whole blocks, and a
     block longer than max_tokens shrinks to it (one global block, as Dream decodes)."""
     block = min(params.block_length, params.max_tokens)
-    return block, math.ceil(params.max_tokens / block)
+    return block, -(-params.max_tokens // block)  # in integers: a float quotient rounds a huge max_tokens
 
 
 def footprint(prompt_len: int, params: SamplingParams, suffix_len: int = 0) -> tuple[int, int]:

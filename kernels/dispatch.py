@@ -90,11 +90,11 @@ def triton_unusable(x: Tensor, w: BCQWeight | None = None) -> str | None:
     if bcq is None:
         return "Triton is not installed"
     if not x.is_cuda and not bcq.INTERPRET:
-        return f"x is on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1"
+        return f"the activations are on {x.device}; the Triton kernels need CUDA or TRITON_INTERPRET=1"
     if w is not None and x.device != w.planes.device:
-        return f"x is on {x.device} but the weight is on {w.planes.device}"
+        return f"the activations are on {x.device} but the weight is on {w.planes.device}"
     if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"x is {x.dtype}; the Triton kernels take float16 or bfloat16"
+        return f"the activations are {x.dtype}; the Triton kernels take float16 or bfloat16"
     return None
 
 

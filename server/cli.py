@@ -51,7 +51,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--max-n", type=bounded(int, "--max-n", 1), default=16, help="largest n per request (default 16)")
     ap.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
                     help="a Jinja chat template instead of the tokenizer's (a base model has none)")
-    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    ap.add_argument("--served-model-name", default=None,
+                    help="the model id clients send (default: MODEL's folder name)")
     ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                     help="the lowest level of log messages printed, qdllm's and uvicorn's (default info: the start-up "
                          "lines and one line per finished request)")
@@ -68,14 +69,19 @@ def generation_defaults(path: Path, engine: EngineCore) -> dict:
     generation = json.loads(file.read_text()).get("generation", {})
     if not isinstance(generation, dict):
         raise CheckpointError(f"{file}: field 'generation' must be an object of sampling settings")
-    known = {f.name for f in fields(SamplingParams)} - {"seed", "stop"}
-    defaults = {k: v for k, v in generation.items() if k in known}
+    known = [f.name for f in fields(SamplingParams) if f.name not in ("seed", "stop")]  # per request only
+    unknown = sorted(generation.keys() - set(known))
+    if unknown:  # a misspelt default would go unused, as a misspelt request field is refused
+        raise CheckpointError(f"{file}: field 'generation.{unknown[0]}' is not a default generation setting "
+                              f"(expected some of {known})")
     try:
-        engine.check([0], SamplingParams(**defaults))
+        engine.check([0], SamplingParams(**generation))
     except ValueError as e:
+        if m := re.match(r"SamplingParams\.(\w+) (.*)", str(e)):
+            raise CheckpointError(f"{file}: field 'generation.{m[1]}' {m[2]}") from None
         where = f"generation.{e.field}" if getattr(e, "field", None) else "generation"
         raise CheckpointError(f"{file}: field '{where}': {e}") from None
-    return defaults
+    return generation
 
 
 def check_bind(host: str, port: int) -> None:

@@ -212,6 +212,8 @@ def sampling_params(req: _Request, defaults: dict, index: int) -> SamplingParams
     """The engine's settings for choice `index`: the model's defaults, overridden by what the request sets.
     With a seed, choice i uses seed + i, so n > 1 samples differ and still reproduce."""
     fields = dict(defaults)
+    if req.stream_options is not None and not req.stream:  # as OpenAI refuses it: the options would go unused
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     max_tokens = req.max_tokens
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         if max_tokens is not None and max_tokens != req.max_completion_tokens:

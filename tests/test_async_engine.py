@@ -88,7 +88,8 @@ def test_bad_requests_raise_at_submit(model):
     asyncio.run(main())
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(model):
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(model, caplog):
+    """The failure is logged with its traceback, so a server's operator sees what the clients were told."""
     async def main():
         core = EngineCore(FailOnce(model), Detokenizer(None, frozenset()), max_num_seqs=2)
         eng = AsyncEngine(core)
@@ -100,6 +101,9 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(model):
             eng.shutdown()
 
     assert asyncio.run(main()).token_ids == alone(model, *REQUESTS[0]).token_ids
+    failed = [r for r in caplog.records if r.name == "qdllm.engine" and r.exc_info]
+    assert len(failed) == 1 and "the requests in flight (1) fail with it" in failed[0].getMessage()
+    assert "CUDA out of memory" in str(failed[0].exc_info[1])
 
 
 def test_a_request_the_kv_pool_cannot_grow_to_fails_alone(model, device_room):

@@ -216,8 +216,12 @@ Q = "model.transformer.blocks.0.q_proj."
     ("missing", f"missing tensor '{Q}alpha_c'"),
     ("shape", f"{Q}alpha_r: expected float16 [4, 64], got float16 [4, 63]"),
     ("order", f"{Q}plane_ptr: block 0 has order 4, expected 1..3"),
+    ("config", "config.json: sha256 does not match qdllm.json's source.config_sha256"),
+    ("extra", f"unexpected tensor '{Q}weight'"),
 ])
 def test_artifact_refusals(broken, case, message):
+    """An edited config.json (a head count, the RoPE base) and a tensor the model does not take loaded silently,
+    and computed other logits."""
     if case == "version":
         m = json.loads((broken / MANIFEST).read_text())
         m["format_version"] = 99
@@ -228,6 +232,12 @@ def test_artifact_refusals(broken, case, message):
             f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     elif case == "missing":
         rewrite_shard(broken, lambda t: t.pop(Q + "alpha_c"))
+    elif case == "config":
+        cfg = json.loads((broken / "config.json").read_text())
+        cfg["rope_theta"] = 1.0
+        (broken / "config.json").write_text(json.dumps(cfg))
+    elif case == "extra":
+        rewrite_shard(broken, lambda t: t.update({Q + "weight": torch.zeros(64, 64, dtype=torch.float16)}))
     elif case == "shape":
         rewrite_shard(broken, lambda t: t.update({Q + "alpha_r": t[Q + "alpha_r"][:, :-1].contiguous()}))
     else:

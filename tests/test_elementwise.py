@@ -103,7 +103,8 @@ def test_backends_pick_the_ops():
     x = torch.zeros(1, 4, device=DEVICE, dtype=torch.float16)
     assert dispatch.use_triton(x, "triton") and not dispatch.use_triton(x, "torch")
     assert dispatch.use_triton(x, "auto") == (DEVICE == "cuda")  # the interpreter only when asked for
-    with pytest.raises(ValueError, match=r"^backend 'triton': x is torch.float32; .*float16 or bfloat16$"):
+    with pytest.raises(ValueError,
+                       match=r"^backend 'triton': the activations are torch.float32; .*float16 or bfloat16$"):
         dispatch.use_triton(x.float(), "triton")
     with pytest.raises(ValueError, match=r"^backend: expected one of auto, torch, triton, got 'cuda'$"):
         dispatch.use_triton(x, "cuda")
@@ -127,7 +128,7 @@ def test_model_with_triton_ops_gives_the_torch_ops_tokens(model_dir, dtype):
 
 
 def test_a_dense_checkpoint_refuses_triton_where_it_cannot_run(llada_dir):
-    with pytest.raises(ValueError, match=r"^backend 'triton' cannot run here: x is torch.float32; "):
+    with pytest.raises(ValueError, match=r"^backend 'triton' cannot run here: the activations are torch.float32; "):
         load_model(llada_dir, device=DEVICE, dtype=torch.float32, backend="triton")
     assert load_model(llada_dir, device=DEVICE, backend="dense").backend == "auto"
 

@@ -222,7 +222,9 @@ def test_bad_requests_name_what_is_wrong(llada_dir):
     for prompt, params, match in [([], SamplingParams(), "at least one token"),
                                   ([5, 4096], SamplingParams(), r"token ids in \[0, 128\)"),
                                   ("text", SamplingParams(), "token ids"),
-                                  ([5] * 40, SamplingParams(max_tokens=30, block_length=8), r"max_model_len \(64 tokens\)"),
+                                  ([5] * 40, SamplingParams(max_tokens=30, block_length=8),
+                                   r"max_model_len \(64 tokens\)"),
+                                  ([5], SamplingParams(max_tokens=10**23), r"canvas \(10{23}: max_tokens"),
                                   ([5], SamplingParams(max_tokens=16, block_length=4, steps=2), "steps"),
                                   ([5], SamplingParams(max_tokens=8, cfg_scale=1.0), "two sequence slots"),
                                   ([5], SamplingParams(max_tokens=8, stop=["x"]), "needs a tokenizer")]:
@@ -457,6 +459,18 @@ def test_clear_after_a_failed_step_leaves_a_working_engine(llada_dir):
         core.step()
     assert core.clear() == [a] and core.free_rows == 2 and core.pool.used_pages == 0
     assert alone(model, *REQUESTS[0]).token_ids == drain_one(core, *REQUESTS[0]).token_ids
+
+
+def test_llm_works_after_a_failed_call(llada_dir):
+    """A failed generate left its requests queued, and every later call failed with the same error."""
+    llm = LLM(llada_dir, device="cpu")
+    prompt, params = REQUESTS[0]
+    expected = llm.generate(prompt, params)[0].token_ids
+    llm.engine.model = FailOnce(llm.model)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        llm.generate(prompt, params)
+    assert not llm.engine.has_unfinished() and llm.engine.pool.used_pages == 0
+    assert llm.generate(prompt, params)[0].token_ids == expected
 
 
 def drain_one(core, prompt, params):

@@ -271,10 +271,11 @@ def test_launches_name_an_unknown_variant(weight):
 
 @needs_triton
 def test_dispatch_triton_explains_what_it_cannot_run(weight, monkeypatch):
-    with pytest.raises(ValueError, match=r"backend 'triton': x is torch.float32; .* float16 or bfloat16"):
+    with pytest.raises(ValueError,
+                       match=r"backend 'triton': the activations are torch.float32; .* float16 or bfloat16"):
         bcq_linear(torch.zeros(1, weight.in_features, device=DEVICE), weight, backend="triton")
     monkeypatch.setattr(bcq, "INTERPRET", False)
-    with pytest.raises(ValueError, match=r"backend 'triton': x is on cpu; the Triton kernels need CUDA"):
+    with pytest.raises(ValueError, match=r"backend 'triton': the activations are on cpu; the Triton kernels need CUDA"):
         bcq_linear(torch.zeros(1, weight.in_features, dtype=torch.float16), weight, backend="triton")
 
 

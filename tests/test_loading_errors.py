@@ -248,6 +248,14 @@ def test_chat_template_that_does_not_compile(ckpt):
     llm_refused(ckpt, "tokenizer_config.json: the chat template does not compile (line 1")
 
 
+def write_manifest(ckpt, **changes) -> None:
+    """The least qdllm.json that makes the dense checkpoint `ckpt` load as an artifact, with `changes`."""
+    manifest = {"format_version": 1, "shards": {"model.safetensors": sha256_file(ckpt / "model.safetensors")},
+                "source": {"config_sha256": sha256_file(ckpt / "config.json")}, "quantization": {"block_size": 32},
+                **changes}
+    (ckpt / "qdllm.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"format_version": True}, "unknown format_version True"),
     ({"format_version": 1.0}, "unknown format_version 1.0"),
@@ -257,9 +265,7 @@ def test_chat_template_that_does_not_compile(ckpt):
 ])
 def test_more_bad_artifact_manifests(ckpt, changes, message):
     """A list for 'quantization' raised AttributeError; true and 1.0 passed as format_version 1."""
-    manifest = {"format_version": 1, "shards": {"model.safetensors": sha256_file(ckpt / "model.safetensors")},
-                "quantization": {"block_size": 32}, **changes}
-    (ckpt / "qdllm.json").write_text(json.dumps(manifest))
+    write_manifest(ckpt, **changes)
     refused(ckpt, "qdllm.json", message)
 
 
@@ -310,6 +316,15 @@ def test_eval_json_that_cannot_be_written(llada_dir, text_file, tmp_path, capsys
         assert out.err.strip().splitlines()[-1].startswith("qdllm-eval: error: --json /dev/full: cannot be written")
 
 
+def test_eval_json_never_overwrites_its_inputs(ckpt, text_file, capsys):
+    """--json naming the data file, or the model's config.json, replaced it with the result."""
+    before = text_file.read_bytes(), (ckpt / "config.json").read_bytes()
+    base = [str(ckpt), "--data", str(text_file), "--device", "cpu", "--mc", "2", "--json"]
+    cli_refused(eval_main, [*base, str(text_file)], capsys, "is the --data file")
+    cli_refused(eval_main, [*base, str(ckpt / "sub" / ".." / "config.json")], capsys, "lies in the model folder")
+    assert (text_file.read_bytes(), (ckpt / "config.json").read_bytes()) == before
+
+
 def test_tokenizer_beyond_the_vocabulary_is_refused_by_eval_and_serve(tmp_path, text_file, capsys):
     """Token ids past the embedding raised IndexError inside torch (eval), or refused every request with a
     message that blamed the prompt (serve)."""
@@ -342,13 +357,14 @@ def test_serve_address_in_use(llada_dir, capsys):
 
 @pytest.mark.parametrize("generation,message", [
     ([1], "field 'generation' must be an object"),
-    ({"temperature": -1}, "field 'generation': SamplingParams.temperature must be"),
+    ({"temperature": -1}, "field 'generation.temperature' must be a number in [0, 1e+300]"),
     ({"max_tokens": 10**9}, "field 'generation.max_tokens': prompt (1 tokens) plus canvas (1000000000: max_tokens "
                             "rounded up to whole blocks) exceeds the model's context of 256 tokens"),
-    ({"cfg_scale": 1e39}, "field 'generation': SamplingParams.cfg_scale must be a number in [0, 100], got 1e+39"),
+    ({"cfg_scale": 1e39}, "field 'generation.cfg_scale' must be a number in [0, 100], got 1e+39"),
+    ({"steppps": 5}, "field 'generation.steppps' is not a default generation setting (expected some of ['max_tokens'"),
+    ({"seed": 1}, "field 'generation.seed' is not a default generation setting"),
+    ({"alg_temp": 1e-320}, "field 'generation.alg_temp' must be 0 or a number >= 1e-300"),
 ])
 def test_serve_bad_generation_defaults_name_the_manifest(ckpt, capsys, generation, message):
-    manifest = {"format_version": 1, "shards": {"model.safetensors": sha256_file(ckpt / "model.safetensors")},
-                "quantization": {"block_size": 32}, "generation": generation}
-    (ckpt / "qdllm.json").write_text(json.dumps(manifest))
+    write_manifest(ckpt, generation=generation)
     cli_refused(serve_main, [str(ckpt), "--device", "cpu", "--port", "0"], capsys, "qdllm.json", message)

@@ -1,11 +1,13 @@
 """The block denoiser: parity with the reference algorithms, the commit schedule and the policies."""
+import dataclasses
+
 import pytest
 import torch
 from reference import dream_generate, fast_dllm_generate, llada_generate
 from tiny import MASK
 
 from qdllm.engine import LLM, Detokenizer, EngineCore, SamplingParams, load_model
-from qdllm.engine.remasking import order_by_factor
+from qdllm.engine.remasking import order_by_factor, sample_positions
 from qdllm.engine.schedule import commit_count, split_steps
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
@@ -180,6 +182,30 @@ def test_alg_temp_samples_positions(dream):
     assert MASK not in out.token_ids and out.nfe == 8
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "entropy"])
+@pytest.mark.parametrize("alg_temp,temperature", [(1e-300, 0.0), (1e-4, 0.0), (0.5, 1e300)])
+def test_extreme_temperatures_decode(dream, remasking, alg_temp, temperature):
+    """A tiny alg_temp underflowed the positions' softmax to one nonzero entry, and the second of two positions
+    drawn from it was any masked one (with 5e-324, the softmax was NaN and the step failed); a temperature of
+    1e308 overflowed the Gumbel noise, and argmax returned the lowest token ids. At the bounds, the draw is the
+    limit: positions in order of confidence (as top-k takes them), tokens uniform."""
+    params = SamplingParams(max_tokens=16, steps=8, block_length=16, remasking=remasking, alg_temp=alg_temp,
+                            temperature=temperature, seed=0, ignore_eos=True)
+    out = dream.generate(PROMPT, params)[0]
+    assert MASK not in out.token_ids and out.nfe == 8
+    if alg_temp < 1e-3 and remasking != "random":
+        top_k = dream.generate(PROMPT, dataclasses.replace(params, alg_temp=0.0))[0]
+        assert out.token_ids == top_k.token_ids
+
+
+def test_sampled_positions_in_the_underflow_limit():
+    """Positions drawn past an underflowed softmax are drawn among the rest, still in confidence order (torch's
+    draw alone gave [3, 2, ...]: 0.5 before 0.9)."""
+    conf = torch.tensor([0.1, 0.9, 0.5, 0.91, 0.3], dtype=torch.float64)
+    picked = sample_positions(conf, 4, 1e-300, torch.Generator().manual_seed(0))
+    assert picked.tolist() == [3, 1, 2, 4]
+
+
 @pytest.mark.parametrize("cache,window", [("prefix", 16), ("dual", 8)])
 def test_caches_feed_their_windows(llada_dir, cache, window):
     """Each block starts with a full refresh; later steps feed block + suffix (prefix) or the block (dual).
@@ -260,7 +286,8 @@ def test_logit_bias_bans_and_forces_tokens(llada):
                                          ("logprobs", -1), ("logprobs", True), ("presence_penalty", 2.5),
                                          ("frequency_penalty", float("nan")), ("logit_bias", {5: 101}),
                                          ("logit_bias", {"5": 1}), ("logit_bias", {-1: 0}), ("factor", 0),
-                                         ("factor", -1.0), ("factor", float("nan")), ("factor", "1")])
+                                         ("factor", -1.0), ("factor", float("nan")), ("factor", "1"),
+                                         ("temperature", 1e301), ("alg_temp", 1e-301), ("alg_temp", 5e-324)])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
@@ -277,6 +304,46 @@ def test_steps_are_ignored_in_parallel_decoding(llada, rule):
     params = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True, **rule)
     with_steps = SamplingParams(max_tokens=16, block_length=4, steps=2, ignore_eos=True, **rule)
     assert llada.generate(PROMPT, with_steps)[0].token_ids == llada.generate(PROMPT, params)[0].token_ids
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda llm: llm.generate(5), r"^prompts must be a string, a list of token ids, or a list of those, got 5$"),
+    (lambda llm: llm.generate(None), r"^prompts must be .*, got None$"),
+    (lambda llm: llm.generate("hi", {"max_tokens": 4}),
+     r"^params must be a SamplingParams or a list of them, one per prompt, got \{'max_tokens': 4\}$"),
+    (lambda llm: llm.chat("hi"), r"^conversations must be a list of messages, or a list of those, got 'hi'$"),
+    (lambda llm: llm.chat([[]]), r"^conversation 0 must be a non-empty list of messages, got \[\]$"),
+    (lambda llm: llm.chat([{"content": "hi"}]),
+     r"^conversation 0, message 0: expected a dict with string 'role' and 'content', got \{'content': 'hi'\}$"),
+    (lambda llm: llm.chat([{"role": "user", "content": 5}]), r"^conversation 0, message 0: expected a dict"),
+])
+def test_python_api_refuses_wrong_types_by_name(llada, call, message):
+    """These raised TypeError or AttributeError from deep inside (\"'str' object has no attribute 'logit_bias'\"),
+    or rendered a message without its role."""
+    with pytest.raises(TypeError, match=message):
+        call(llada)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"max_num_seqs": "8"}, r"^max_num_seqs must be an integer >= 1, got '8'$"),
+    ({"max_batch_tokens": 0}, r"^max_batch_tokens must be an integer >= 1, got 0$"),
+    ({"max_model_len": 1.5}, r"^max_model_len must be None or an integer >= 1, got 1.5$"),
+    ({"kv_cache_memory": True}, r"^kv_cache_memory must be None or an integer >= 1, got True$"),
+    ({"cuda_graphs": 0}, r"^cuda_graphs must be None, True or False, got 0$"),
+])
+def test_engine_settings_of_the_wrong_type_are_refused(llada_dir, kw, message):
+    """max_num_seqs="8" failed comparing str with int; max_model_len=1.5 was taken, and quoted in later errors."""
+    with pytest.raises(ValueError, match=message):
+        LLM(llada_dir, device="cpu", **kw)
+
+
+def test_python_api_paths_and_devices(llada_dir):
+    with pytest.raises(TypeError, match=r"^path must be a checkpoint or artifact folder \(a str or Path\), got None$"):
+        LLM(None)
+    with pytest.raises(TypeError, match="^path must be"):
+        load_model(5)
+    with pytest.raises(ValueError, match=r"^device must be cpu, cuda or cuda:N, got 'cpu:5'$"):
+        LLM(llada_dir, device="cpu:5")
 
 
 def test_bad_prompts(llada):

@@ -361,6 +361,8 @@ def test_openai_bookkeeping_fields_and_echoed_messages_are_accepted(client, llm)
     ({"stop": ""}, openai.BadRequestError, r"stop must be .*, got an empty string"),
     ({"messages": ["hi"]}, openai.UnprocessableEntityError, 'messages.0 must be an object, got "hi"'),
     ({"stream_options": "yes"}, openai.UnprocessableEntityError, r"stream_options must be an object"),
+    ({"stream_options": {"include_usage": True}}, openai.BadRequestError,
+     r"stream_options is only allowed when stream is true"),
     ({"messages": [{"role": "user"}]}, openai.BadRequestError, r"messages.0.content is required in a 'user' message"),
     ({"max_tokens": 8, "max_completion_tokens": 16}, openai.BadRequestError,
      r"max_tokens \(8\) and max_completion_tokens \(16\) disagree"),
