@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import description, environment, write_results
+from common import check_output, description, environment, listed, run_main, write_results
+from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
+from qdllm.engine.evaluate import device_memory, out_of_memory
 from qdllm.engine.loader import resolve_device
 from qdllm.quantizer.hessian import HessianAccumulator
 from qdllm.quantizer.methods import METHODS, Method
@@ -32,9 +33,17 @@ LLADA_8B = "4096x4096,12288x4096,4096x12288"
 
 def parse_shape(text: str) -> tuple[int, int]:
     n, sep, k = text.partition("x")
-    if not sep or not n.isdigit() or not k.isdigit() or int(n) < 1 or int(k) < 1:
-        raise ValueError(f"--shapes: {text!r} is not NxK with positive integers, e.g. 4096x12288")
+    if not sep or not n.isdecimal() or not k.isdecimal() or int(n) < 1 or int(k) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NxK with positive integers, e.g. 4096x12288")
+    if int(k) % Method.block_size:
+        raise argparse.ArgumentTypeError(f"K must be a multiple of the block size {Method.block_size}, got {text!r}")
     return int(n), int(k)
+
+
+def parse_method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; expected some of {', '.join(METHODS)}")
+    return text
 
 
 def calibration_h(k: int, tokens: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -90,56 +99,56 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--shapes", default=LLADA_8B, help="comma-separated NxK (out x in)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap = ArgumentParser(description=description(__doc__))
+    ap.add_argument("--shapes", type=listed(parse_shape, "--shapes"), default=LLADA_8B,
+                    help="comma-separated NxK (out x in)")
+    ap.add_argument("--methods", type=listed(parse_method, "--methods"), default=",".join(METHODS),
+                    help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=16384, help="activations behind each H")
-    ap.add_argument("--refine-rounds", type=int, default=Method.refine_rounds)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=bounded(int, "--repeats", 1), default=3)
+    ap.add_argument("--tokens", type=bounded(int, "--tokens", 1), default=16384, help="activations behind each H")
+    ap.add_argument("--refine-rounds", type=bounded(int, "--refine-rounds", 0, 20), default=Method.refine_rounds)
+    ap.add_argument("--seed", type=bounded(int, "--seed", 0, SEED_MAX), default=0)
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/convert-<device>)")
     args = ap.parse_args()
-    try:
-        shapes = {s: parse_shape(s) for s in args.shapes.split(",")}
-        device = resolve_device(args.device)
-    except ValueError as e:
-        sys.exit(str(e))
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        sys.exit(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
-    bad = [s for s, (_, k) in shapes.items() if k % 128]
-    if bad:
-        sys.exit(f"--shapes: K must be a multiple of the block size 128; got {bad}")
-    for name, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
-        if value < 1:
-            sys.exit(f"{name}: expected a positive integer, got {value}")
-    if args.refine_rounds < 0:
-        sys.exit(f"--refine-rounds: expected 0 or more, got {args.refine_rounds}")
+    shapes = {f"{n}x{k}": (n, k) for n, k in args.shapes}
+    methods = args.methods
+    device = resolve_device(args.device, "--device")
+    for label, (n, k) in shapes.items():
+        need = 4 * (n * k + k * k)  # W and H in fp32, before any working copy: a shape that fails for certain
+        if need > device_memory(device):
+            raise ValueError(f"--shapes {label}: W and H alone take {need / 2**30:.0f} GiB, more than the "
+                             f"{device_memory(device) / 2**30:.0f} GiB of {device}")
+    out = args.out or Path(__file__).parent / "results" / f"convert-{device.type}"
+    check_output("--out", out)
 
     results: dict[str, dict] = {}
     bar = tqdm(total=len(shapes) * len(methods), desc="convert", unit="linear")
     for label, (n, k) in shapes.items():
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        W = torch.randn(n, k, generator=gen, device=device) * k ** -0.5
-        H = calibration_h(k, args.tokens, args.seed, device)
-        results[label] = {}
-        for m in methods:
-            bar.set_postfix(shape=label, method=m)
-            method = Method(name=m, refine_rounds=args.refine_rounds)
-            r = results[label][m] = time_method(method, W, H, args.repeats, device)
-            tqdm.write(f"{label} {m}: median {r['median']:.2f} s (min {r['min']:.2f}, max {r['max']:.2f}), "
-                       f"{r['effective_bits']:.3f} bits")
-            bar.update()
+        try:
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            W = torch.randn(n, k, generator=gen, device=device) * k ** -0.5
+            H = calibration_h(k, args.tokens, args.seed, device)
+            results[label] = {}
+            for m in methods:
+                bar.set_postfix(shape=label, method=m)
+                method = Method(name=m, refine_rounds=args.refine_rounds)
+                r = results[label][m] = time_method(method, W, H, args.repeats, device)
+                tqdm.write(f"{label} {m}: median {r['median']:.2f} s (min {r['min']:.2f}, max {r['max']:.2f}), "
+                           f"{r['effective_bits']:.3f} bits")
+                bar.update()
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            bar.close()
+            raise ValueError(f"--shapes {label}: out of memory on {device}; give a smaller shape") from None
         del W, H
     bar.close()
     settings = {**vars(args), "shapes": list(shapes), "methods": methods, "device": str(device),
                 "block_size": Method.block_size, "iterations": Method.iterations, "abmp_ratio": Method.abmp_ratio}
     record = {"settings": settings, "results": results, "environment": environment(device)}
-    out = args.out or Path(__file__).parent / "results" / f"convert-{device.type}"
     write_results(out, record, plot)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,6 @@ Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -27,13 +26,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import description, environment, random_weight, write_results
+from common import (check_output, confidence, description, environment, listed, random_weight, run_main,
+                    write_results)
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.artifact import read_manifest
-from qdllm.engine.loader import BACKENDS, resolve_device
+from qdllm.engine.errors import ArgumentParser, bounded
+from qdllm.engine.loader import BACKENDS, check_dir, read_config, resolve_device
 from qdllm.engine.quant_linear import QuantLinear
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
+from qdllm.kernels.dispatch import triton_unusable
 
 SHAPES = {  # LLaDA-8B's config.json (FACTS.md), and a small one to try the script on a CPU
     "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden=12288,
@@ -194,19 +196,21 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("--shape", choices=SHAPES, default=None, help="random weights of this shape")
     ap.add_argument("--model", default=None, help="a dense checkpoint (with --artifact: its 2-bit artifact)")
     ap.add_argument("--artifact", default=None)
-    ap.add_argument("--gen", type=int, default=256)
-    ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens with --shape")
-    ap.add_argument("--batch", default="1,4,16")
-    ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--tokens-per-step", type=int, default=4, help="synthetic commits per step with --shape")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen", type=bounded(int, "--gen", 1), default=256)
+    ap.add_argument("--block", type=bounded(int, "--block", 1), default=32)
+    ap.add_argument("--prompt-len", type=bounded(int, "--prompt-len", 1), default=64, help="prompt tokens with --shape")
+    ap.add_argument("--batch", type=listed(bounded(int, "--batch", 1), "--batch"), default="1,4,16")
+    ap.add_argument("--threshold", type=confidence("--threshold"), default=0.9)
+    ap.add_argument("--tokens-per-step", type=bounded(int, "--tokens-per-step", 1), default=4,
+                    help="synthetic commits per step with --shape")
+    ap.add_argument("--repeats", type=bounded(int, "--repeats", 1), default=3)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, help="dense dtype (default float16 on GPU, float32 on CPU)")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="dense dtype (default float16 on GPU, float32 on CPU)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="kernels of every model's elementwise steps and of the 2-bit linears; \"dense\" "
                          "dequantizes the 2-bit linears once at load")
@@ -219,16 +223,28 @@ def main() -> None:
     args = ap.parse_args()
     if (args.shape is None) == (args.model is None) or (args.model is not None) != (args.artifact is not None):
         ap.error("give --shape, or --model with --artifact")
+    if args.fits_only and not args.shape:
+        ap.error("--fits-only needs --shape")
 
     if args.shape and args.backend == "dense":
         ap.error("--backend dense: the random packed weights of --shape would only time a dense model")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as e:
+        ap.error(str(e))
     if args.cuda_graphs and device.type != "cuda":
         ap.error(f"--cuda-graphs needs a CUDA device; the device is {device}")
     if not args.configs or set(args.configs) - set(CONFIGS):
         ap.error(f"--configs: expected letters from abcd, got {args.configs!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    batches = [int(b) for b in args.batch.split(",")]
+    if args.backend == "triton" and (why := triton_unusable(torch.empty(0, device=device, dtype=dtype))):
+        ap.error(f"--backend triton cannot run here: {why}")
+    batches = args.batch
+    block = min(args.block, args.gen)  # the engine's layout: a block longer than the canvas shrinks to it
+    n_blocks = -(-args.gen // block)
+    if args.shape and set(args.configs) - {"a"} and args.gen // args.tokens_per_step < n_blocks:
+        ap.error(f"--tokens-per-step {args.tokens_per_step}: --gen {args.gen} in {n_blocks} block(s) of --block "
+                 f"{block} takes at most {args.gen // n_blocks} tokens per step (each block needs a step)")
     if args.shape:
         cfg = ModelConfig(family="llada", **SHAPES[args.shape])
         detok = Detokenizer(None, frozenset())
@@ -238,19 +254,31 @@ def main() -> None:
         build = {"dense": lambda: random_model(cfg, False, device, dtype, args.backend),
                  "2bit": lambda: random_model(cfg, True, device, dtype, args.backend)}
         b_eff = random_bits(cfg)
-    else:
+    else:  # every file is read and checked here, before any model loads
+        check_dir(Path(args.model), "a Hugging Face checkpoint directory")
+        check_dir(Path(args.artifact), "a qdllm artifact directory")
+        cfg = read_config(args.model)
         b_eff = read_manifest(Path(args.artifact), verify=False)["effective_bits"]  # as stored, whatever the backend
+        data = Path(args.model) / "data" / "test.txt"
+        if not data.is_file():
+            ap.error(f"--model {args.model}: {data} not found (prompts are drawn from a checkpoint's test plays, "
+                     "as train_tiny.py writes them)")
         tok = load_tokenizer(args.model)
         build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype, backend=args.backend),
                  "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}
-        cfg = build["dense"]().config
         detok = Detokenizer(tok, end_token_ids(tok, cfg.eos_token_ids))
-        prompt_pool = [chat_prompt(tok, [{"role": "user", "content": s}])
-                       for s in speeches(Path(args.model) / "data" / "test.txt", max(batches))]
+        try:
+            texts = speeches(data, max(batches))
+        except ValueError as e:
+            ap.error(f"--batch {max(batches)}: {e}")
+        prompt_pool = [chat_prompt(tok, [{"role": "user", "content": s}]) for s in texts]
+    prompt_len = args.prompt_len if args.shape else max(len(p) for p in prompt_pool)
+    if prompt_len + block * n_blocks > cfg.max_seq_len:
+        prompts = f"--prompt-len {prompt_len}" if args.shape else f"the longest prompt ({prompt_len} tokens)"
+        ap.error(f"{prompts} plus --gen {args.gen} in whole blocks of --block {block} ({block * n_blocks} tokens) "
+                 f"exceeds the model's context of {cfg.max_seq_len} tokens")
 
     if args.fits_only:
-        if not args.shape:
-            ap.error("--fits-only needs --shape")
         table = fits_table(cfg, b_eff, args.prompt_len, args.gen)
         print(f"{args.shape}: {b_eff:.3f} effective bits; prompt {args.prompt_len} + gen {args.gen} tokens")
         for r in table:
@@ -266,7 +294,6 @@ def main() -> None:
             return SamplingParams(steps=args.gen // args.tokens_per_step, cache=cache, **common)
         return SamplingParams(threshold=args.threshold, cache=cache, **common)
 
-    prompt_len = args.prompt_len if args.shape else max(len(p) for p in prompt_pool)
     settings = {"model": args.shape or args.model, "artifact": args.artifact, "gen": args.gen, "block": args.block,
                 "batches": batches, "threshold": args.threshold,
                 "tokens_per_step": args.tokens_per_step if args.shape else None, "repeats": args.repeats,
@@ -275,6 +302,7 @@ def main() -> None:
                 "prompt_tokens": prompt_len,
                 "weights": "random" if args.shape else "trained", "effective_bits": b_eff}
     out = Path(f"{args.out}-{args.shape or Path(args.model).name}-{device.type}{'-graphs' if args.cuda_graphs else ''}")
+    check_output("--out", out, inputs=[Path(p) for p in (args.model, args.artifact) if p])
     labels = {"a": "a: dense, no cache (LLaDA)", "b": "b: dense, prefix + thr (Fast-dLLM)",
               "c": "c: 2-bit, prefix + thr", "d": "d: 2-bit, dual + thr"}
     env = environment(device)
@@ -337,4 +365,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,7 +13,6 @@ too. Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import time
@@ -22,10 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import description, environment, write_results
+from common import check_output, confidence, description, environment, listed, run_main, write_results
 from shakespeare import speeches
 from qdllm.engine import Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
-from qdllm.engine.loader import resolve_device
+from qdllm.engine.errors import ArgumentParser, bounded
+from qdllm.engine.loader import check_dir, read_config, resolve_device
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
 
 CACHES = ("none", "prefix", "dual")
@@ -70,34 +70,61 @@ def plot(file: Path, record: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("model", nargs="?", default="assets/llada-shakespeare")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--batch", default="1,8", help="comma-separated sequence-slot counts")
-    ap.add_argument("--thresholds", default="none,0.9", help="comma-separated; none is the linear schedule")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=bounded(int, "--prompts", 1), default=8)
+    ap.add_argument("--max-tokens", type=bounded(int, "--max-tokens", 1), default=128)
+    ap.add_argument("--block-length", type=bounded(int, "--block-length", 1), default=32)
+    ap.add_argument("--batch", type=listed(bounded(int, "--batch", 1), "--batch"), default="1,8",
+                    help="comma-separated sequence-slot counts")
+    ap.add_argument("--thresholds", type=listed(confidence("--thresholds", none=True), "--thresholds"),
+                    default="none,0.9",
+                    help="comma-separated; none is the linear schedule")
+    ap.add_argument("--repeats", type=bounded(int, "--repeats", 1), default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--long-prompt", type=int, default=0,
+    ap.add_argument("--long-prompt", type=bounded(int, "--long-prompt", 0), default=0,
                     help="make the first prompt a chat turn of this many tokens of the plays (0: off), so one "
                          "long request runs among short ones")
     ap.add_argument("--out", default="benchmarks/results/engine")
     args = ap.parse_args()
 
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
-    tok = load_tokenizer(args.model)
-    detok = Detokenizer(tok, end_token_ids(tok, model.config.eos_token_ids))
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as e:
+        ap.error(str(e))
+    # every file is read and checked here, before the model loads
+    check_dir(Path(args.model), "a Hugging Face checkpoint directory")
+    cfg = read_config(args.model)
     data = Path(args.model) / "data" / "test.txt"
-    prompts = [chat_prompt(tok, [{"role": "user", "content": s}]) for s in speeches(data, args.prompts)]
+    if not data.is_file():
+        ap.error(f"model {args.model}: {data} not found (prompts are drawn from a checkpoint's test plays, as "
+                 "train_tiny.py writes them)")
+    tok = load_tokenizer(args.model)
+    try:
+        texts = speeches(data, args.prompts)
+    except ValueError as e:
+        ap.error(f"--prompts {args.prompts}: {e}")
+    prompts = [chat_prompt(tok, [{"role": "user", "content": s}]) for s in texts]
     if args.long_prompt:
         ids = tok.encode(data.read_text(encoding="utf-8"), add_special_tokens=False)
+        if args.long_prompt > len(ids):
+            ap.error(f"--long-prompt {args.long_prompt}: {data} holds only {len(ids)} tokens")
         text = tok.decode(ids[: args.long_prompt], skip_special_tokens=True)
         prompts[0] = chat_prompt(tok, [{"role": "user", "content": text}])
-    batches = [int(b) for b in args.batch.split(",")]
-    thresholds = [None if t == "none" else float(t) for t in args.thresholds.split(",")]
+    block = min(args.block_length, args.max_tokens)  # the engine's layout: a block longer than the canvas shrinks
+    canvas = block * -(-args.max_tokens // block)
+    longest = max(map(len, prompts))
+    if longest + canvas > cfg.max_seq_len:
+        ap.error(f"the longest prompt ({longest} tokens{', --long-prompt' if args.long_prompt else ''})"
+                 f" plus --max-tokens {args.max_tokens} in whole blocks of --block-length {block} ({canvas} tokens) "
+                 f"exceeds the model's context of {cfg.max_seq_len} tokens")
+    out = Path(args.out + f"-{device.type}")
+    check_output("--out", out, inputs=[Path(args.model)])
+    model = load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
+    detok = Detokenizer(tok, end_token_ids(tok, model.config.eos_token_ids))
+    batches = args.batch
+    thresholds = args.thresholds
 
     def params(cache: str, threshold: float | None) -> SamplingParams:
         return SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length, cache=cache,
@@ -135,7 +162,6 @@ def main() -> None:
                            "thresholds": thresholds, "long_prompt": args.long_prompt,
                            "prompt_tokens": [len(p) for p in prompts]},
               "results": results}
-    out = Path(args.out + f"-{device.type}")
     write_results(out, record, plot)
     for r in results:
         print(f"{r['label']:>20} batch {r['batch']:>2}: {r['tokens_per_s']['median']:7.1f} tok/s "
@@ -145,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

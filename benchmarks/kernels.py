@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from common import description, environment, random_weight
+from common import check_output, description, environment, listed, no_nan, random_weight, result_path, run_main
+from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
 
 SHAPES = {  # (N out, K in) of every distinct decoder linear
     "llada": {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 12288x4096": (12288, 4096),
@@ -52,6 +53,7 @@ KERNELS = ("mma", "gemv", "gemv_per_plane", "gemv_fma", "tile", "tile_per_plane"
 GRAPH_CALLS = 64  # calls per CUDA graph in the GPU timing
 COLD_BYTES = 256 * 2**20  # weight copies a graph cycles through: five times an H100's or H200's 50 MB L2
 HOST_CALLS = 50  # back-to-back calls per host timing
+MAX_M = 65536  # far past the dense crossover; a larger M only runs out of memory
 
 
 def spread(times: list[float]) -> dict:
@@ -235,17 +237,42 @@ def plot(file: Path, record: dict) -> None:
     fig.savefig(file, dpi=120)
 
 
+def one_of(known: tuple[str, ...], what: str) -> Callable[[str], str]:
+    """An argparse `type` that accepts a name in `known`."""
+    def parse(text: str) -> str:
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; expected some of {', '.join(known)}")
+        return text
+    return parse
+
+
+def block_size(text: str) -> int:
+    g = bounded(int, "--block-size", 32)(text)
+    if g % 32:
+        raise argparse.ArgumentTypeError(f"--block-size must be a multiple of 32, got {text!r}")
+    return g
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--models", default="llada,dream", help="comma-separated: llada, dream")
-    ap.add_argument("--ms", default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--paths", default=None,
+    ap = ArgumentParser(description=description(__doc__))
+    ap.add_argument("--models", type=listed(one_of(tuple(SHAPES), "model"), "--models"), default="llada,dream",
+                    help="comma-separated: llada, dream")
+    ap.add_argument("--ms", type=listed(bounded(int, "--ms", 1, MAX_M), "--ms"),
+                    default="1,8,16,32,64,128,256,512,1024", help="comma-separated token counts M")
+    ap.add_argument("--block-size", type=block_size, default=128, help="a multiple of 32 that divides every K")
+    ap.add_argument("--repeats", type=bounded(int, "--repeats", 1), default=5)
+    ap.add_argument("--paths", type=listed(one_of((*KERNELS, "dispatch"), "path"), "--paths"), default=None,
                     help=f"comma-separated paths to time besides torch (default: all of {KERNELS} and dispatch)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=bounded(int, "--seed", 0, SEED_MAX), default=0)
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/kernels-<device>)")
     args = ap.parse_args()
+    models, ms = args.models, args.ms
+    only = None if args.paths is None else set(args.paths)
+    uneven = [shape for model in models for shape, (_, k) in SHAPES[model].items() if k % args.block_size]
+    if uneven:
+        ap.error(f"--block-size {args.block_size} does not divide K of {', '.join(uneven)}")
+    if args.out is not None:  # here too, so that a bad --out is refused on any machine
+        check_output("--out", args.out)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU, and torch sees none: nothing was measured.")
     if importlib.util.find_spec("triton") is None:
@@ -261,15 +288,10 @@ def main() -> None:
     from qdllm.kernels import dequantize
     from qdllm.kernels.dispatch import config_for
 
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in SHAPES]
-    if unknown:
-        sys.exit(f"--models: unknown {unknown}; known: {list(SHAPES)}")
-    ms = [int(m) for m in args.ms.split(",")]
-    only = None if args.paths is None else set(args.paths.split(","))
-    if only is not None and only - {*KERNELS, "dispatch"}:
-        sys.exit(f"--paths: unknown {sorted(only - {*KERNELS, 'dispatch'})}; known: {[*KERNELS, 'dispatch']}")
     env = environment(torch.device("cuda"))
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
+    check_output("--out", out)
     print(f"{env['device']}: measuring copy bandwidth and bf16 matmul throughput")
     limits = device_limits(args.repeats)
     jobs = [(model, shape, n, k) for model in models for shape, (n, k) in SHAPES[model].items()]
@@ -280,9 +302,6 @@ def main() -> None:
                 "cold_weight_bytes": COLD_BYTES, "host_calls": HOST_CALLS,
                 "dispatch_config": dataclasses.asdict(config),
                 "paths": sorted(only) if only else [*KERNELS, "dispatch"]}
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower())
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with tqdm(total=len(jobs) * len(ms), unit="point") as bar:
         for i, (model, shape, n, k) in enumerate(jobs):
@@ -302,9 +321,9 @@ def main() -> None:
             del ref, ws, dense_ts
             record = {"environment": env, "device_limits": limits, "settings": settings,
                       "complete": i == len(jobs) - 1, "rows": rows, "suggested_config": suggest(rows, ms)}
-            out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+            result_path(out, ".json").write_text(json.dumps(no_nan(record), indent=1))
             if have_plot:
-                plot(out.with_suffix(".png"), record)
+                plot(result_path(out, ".png"), record)
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 {limits['bf16_TFLOPs']:.0f} TFLOP/s, R = {limits['ridge_R']:.0f}")
     for r in (r for r in rows if "dispatch" in r["gpu_time_ms"]):
         gpu, host = r["gpu_time_ms"]["dispatch"]["median"], r["host_ms"]["dispatch"]["median"]
@@ -314,8 +333,8 @@ def main() -> None:
               f"best GPU {max(r['gpu_speedup'].values()):5.2f}x  "
               f"worst relative error {max(r['relative_error'].values()):.1e}")
     print(f"suggested DispatchConfig for {env['device']!r}: {record['suggested_config']}")
-    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if have_plot else ""))
+    print(f"wrote {result_path(out, '.json')}" + (f" and {result_path(out, '.png')}" if have_plot else ""))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

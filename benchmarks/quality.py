@@ -31,15 +31,19 @@ import torch
 from tqdm import tqdm
 
 import shakespeare
-from common import description, environment
+from common import check_output, description, environment, listed, no_nan, result_path, run_main, write_results
 from qdllm.engine import load_model, load_tokenizer
 from qdllm.engine.artifact import MANIFEST
-from qdllm.engine.corpus import read_texts, token_stream
-from qdllm.engine.evaluate import Estimate, difference, evaluate
-from qdllm.engine.loader import resolve_device
+from qdllm.engine.corpus import DataError, read_texts, token_stream
+from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
+from qdllm.engine.evaluate import MAX_MC, Estimate, difference, evaluate
+from qdllm.engine.loader import read_config, resolve_device
 from qdllm.engine.model import DiffusionLM
 from qdllm.engine.quant_linear import QuantLinear
+from qdllm.engine.tokenizer import check_vocab
 from qdllm.kernels.reference import dequantize
+from qdllm.quantizer.artifact import PARTIAL
+from qdllm.quantizer.calibration import calibration_file
 from qdllm.quantizer.cli import main as convert
 
 VARIANTS: dict[str, list[str] | None] = {  # label -> qdllm-convert flags (None: the unconverted model)
@@ -107,40 +111,71 @@ def plot(file: Path, record: dict) -> None:
     fig.savefig(file, dpi=120)
 
 
+def variant(text: str) -> str:
+    if text not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; expected some of {', '.join(VARIANTS)}")
+    return text
+
+
+def check_work(work: Path, labels: list[str], inputs: list[Path]) -> None:
+    """Refuse a --work folder that holds an input, or a variant's folder there that is not ours to replace:
+    only an artifact, an interrupted conversion or an empty folder is removed before its conversion."""
+    for src in inputs:
+        if src.resolve() == work.resolve() or src.resolve().is_relative_to(work.resolve()):
+            raise ValueError(f"--work {work}: holds the input {src}; its variant folders are replaced")
+    check_output("--work", work / labels[0], inputs)
+    for label in labels:
+        path = work / label
+        ours = path.is_dir() and ((path / MANIFEST).is_file() or (path / PARTIAL).is_file() or not any(path.iterdir()))
+        if path.is_symlink() or (path.exists() and not ours):
+            raise ValueError(f"--work {work}: {path} is not an artifact, an interrupted conversion or an empty "
+                             "folder; remove it or choose another --work (nothing was deleted)")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("model", type=Path, help="HF checkpoint folder (with data/test.txt and data/calibration.txt)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", type=listed(variant, "--variants"), default=",".join(VARIANTS),
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--data", type=Path, default=None, help="held-out text (default: MODEL/data/test.txt)")
-    ap.add_argument("--mc", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--mc", type=bounded(int, "--mc", 1, MAX_MC), default=16)
+    ap.add_argument("--seed", type=bounded(int, "--seed", 0, SEED_MAX), default=0)
+    ap.add_argument("--batch-size", type=bounded(int, "--batch-size", 1), default=32)
     ap.add_argument("--device", default=None)
     ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                     help="also score each converted variant with its error reversed (even and odd parts)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qdllm-quality"), help="where artifacts are written")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
     args = ap.parse_args()
-    device = resolve_device(args.device)
+    labels = args.variants
+    if args.mirror and labels[0] != "fp":
+        ap.error("--mirror needs fp as the first of --variants (or give --no-mirror)")
+    device = resolve_device(args.device, "--device")
     data = args.data or args.model / "data" / "test.txt"
+    if (args.model / MANIFEST).is_file():
+        raise ValueError(f"{args.model}: is a qdllm artifact ({MANIFEST}); give the original checkpoint")
+    cfg = read_config(args.model)
+    texts = read_texts(data)
+    converted = [label for label in labels if VARIANTS[label] is not None]
+    if converted:
+        calibration_file(args.model, None)
+        check_work(args.work, converted, [args.model, data])
+    check_output("--out", args.out, inputs=[args.model, data, args.work])
     tok = load_tokenizer(args.model)
-    test = token_stream(tok, read_texts(data), tok.eos_token_id)
+    check_vocab(tok, cfg.vocab_size, args.model)
+    test = token_stream(tok, texts, tok.eos_token_id)
+    if cfg.mask_token_id in test:
+        raise DataError(f"{data}: the text contains the mask token; it cannot be scored")
     train = token_stream(tok, list(shakespeare.load_split("train").values()), tok.eos_token_id)
     uni = unigram_nll(train, test, len(tok))
     estimates: dict[str, Estimate] = {}
     results: dict[str, dict] = {"unigram": {"nll_per_token": uni, "ppl": math.exp(uni), "fitted_on": "train split"}}
-    labels = args.variants.split(",")
-    unknown = [v for v in labels if v not in VARIANTS]
-    if unknown:
-        ap.error(f"--variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
-    if args.mirror and labels[0] != "fp":
-        ap.error("--mirror needs fp as the first of --variants (or give --no-mirror)")
     dtype = torch.float32 if device.type == "cpu" else None
     for label in tqdm(labels, desc="quality", unit="variant"):
         flags, path, entry = VARIANTS[label], args.model, {}
         if flags is not None:
             path = args.work / label
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # check_work allowed it: our own artifact, or nothing
             start = time.time()
             convert([str(args.model), str(path), "--device", str(device), *flags])
             manifest = json.loads((path / MANIFEST).read_text())
@@ -170,11 +205,11 @@ def main() -> None:
         tqdm.write(f"{label}: perplexity bound {math.exp(nll):.2f} ± {math.exp(nll) * se:.2f}{parts}")
         record = {"model": str(args.model), "data": str(data), "tokens": len(test), "mc": args.mc,
                   "seed": args.seed, "results": results, "environment": environment(device)}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")  # after each variant
-    plot(args.out.with_suffix(".png"), record)
-    print(f"unigram: perplexity {math.exp(uni):.2f}; wrote {args.out.with_suffix('.json')}")
+        # after each variant; with --mc 1 the standard errors are NaN, which JSON lacks: null
+        result_path(args.out, ".json").write_text(json.dumps(no_nan(record), indent=2) + "\n")
+    print(f"unigram: perplexity {math.exp(uni):.2f}")
+    write_results(args.out, record, plot)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

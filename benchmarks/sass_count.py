@@ -18,18 +18,19 @@ Writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import description, environment
+from common import check_output, description, environment, listed, result_path, run_main
+from qdllm.engine.errors import ArgumentParser
 
 PLANES = 2.05  # planes a block with ABMP's mix
 PEELED = ("dequant", "dequantize")  # variants whose code takes a block's first plane before the plane loop
@@ -37,6 +38,8 @@ H100_ISSUE = 132 * 4 * 1.755e9  # warp-instructions a second
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^(\.L_x_\d+):")
 BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+ARCHS = (80, 86, 87, 89, 90)  # targets whose code has the loops counted here (Gluon's mma needs sm_80 or later)
+LAUNCHES = ("gemv", "fma", "dequantize", "mma")
 
 
 def loops(sass: str) -> tuple[int, list[tuple[int, int]]]:
@@ -98,25 +101,34 @@ def compile_one(fn, signature: dict, constants: dict, warps: int, arch: int, too
                          "stack_bytes": int(re.search(r"STACK:(\d+)", usage)[1])}
 
 
+def parse_launch(text: str) -> str:
+    if text not in LAUNCHES:
+        raise argparse.ArgumentTypeError(f"unknown launch {text!r}; expected some of {', '.join(LAUNCHES)}")
+    return text
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 87, 89, 90")
+    ap = ArgumentParser(description=description(__doc__))
+    ap.add_argument("--arch", type=int, choices=ARCHS, default=90,
+                    help=f"compute capability as an integer: {', '.join(map(str, ARCHS))}")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="activation dtype")
-    ap.add_argument("--launches", default="gemv,fma,dequantize,mma", help="comma-separated: gemv, fma, dequantize, mma")
+    ap.add_argument("--launches", type=listed(parse_launch, "--launches"), default=",".join(LAUNCHES),
+                    help=f"comma-separated: {', '.join(LAUNCHES)}")
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default: results/sass-count-sm<arch>)")
     args = ap.parse_args()
+    launches = args.launches
+    out = args.out or Path(__file__).parent / "results" / f"sass-count-sm{args.arch}"
+    check_output("--out", out)
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("needs Triton's compiler (pip install triton)")
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: the interpreter compiles nothing
     import triton.backends.nvidia
 
     from qdllm.kernels import bcq, bcq_mma
 
-    launches = args.launches.split(",")
-    unknown = [x for x in launches if x not in ("gemv", "fma", "dequantize", "mma")]
-    if unknown:
-        sys.exit(f"--launches: unknown {unknown}; known: gemv, fma, dequantize, mma")
     tools = Path(triton.backends.nvidia.__file__).parent / "bin"
     if not (tools / "nvdisasm").is_file():
-        sys.exit(f"sass_count.py needs the nvdisasm that Triton's NVIDIA backend ships; {tools} has none")
+        raise ValueError(f"needs the nvdisasm that Triton's NVIDIA backend ships; {tools} has none")
     ptr = {"x_ptr": "*" + args.dtype, "planes_ptr": "*i32", "ar_ptr": "*fp16", "ac_ptr": "*fp16", "pp_ptr": "*i32",
            "bias_ptr": "*fp16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "NB": "i32", "stride_xm": "i32",
            "M_BUCKET": "i32"}
@@ -160,22 +172,20 @@ def main() -> None:
             else:
                 counts = per_weight(sass, 128 // 32, PLANES - (variant in PEELED), warps, weights)
             rows.append({"launch": launch, "variant": variant, **tile, "num_warps": warps, **usage, **counts})
-    out = args.out or Path(__file__).parent / "results" / f"sass-count-sm{args.arch}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))  # where it was compiled; the target is settings.arch
     record = {"benchmark": "sass_count", "environment": env,
               "settings": {"arch": args.arch, "activations": args.dtype, "launches": launches, "G": 128,
                            "planes_per_block": PLANES, "k_blocks_per_program": 1, "peeled": list(PEELED) + ["mma"],
                            "h100_warp_instructions_per_s": H100_ISSUE},
               "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    result_path(out, ".json").write_text(json.dumps(record, indent=1) + "\n")
     for r in sorted(rows, key=lambda r: (r["launch"], r["variant"], r["warp_instructions_per_weight"])):
         tile = f"BLOCK_M {r.get('BLOCK_M', '-'):>3} BLOCK_N {r.get('BLOCK_N', '-'):>3}"
         print(f"{r['launch']:10} {r['variant']:10} {tile} warps {r['num_warps']}: "
               f"{r['warp_instructions_per_weight']:.3f} per weight ({r['h100_issue_us_4096x4096']:5.1f} µs), "
               f"{r['registers']} registers, {r['stack_bytes']} bytes of stack")
-    print(f"wrote {out.with_suffix('.json')}")
+    print(f"wrote {result_path(out, '.json')}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

