@@ -48,6 +48,17 @@ def listed(parse: Callable[[str], object], name: str):
     return parse_list
 
 
+def one_of(known: Iterable[str], what: str) -> Callable[[str], str]:
+    """An argparse `type` that accepts a name in `known` (for lists: `listed(one_of(...), flag)`)."""
+    known = tuple(known)
+
+    def parse(text: str) -> str:
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; expected some of {', '.join(known)}")
+        return text
+    return parse
+
+
 def confidence(name: str, none: bool = False):
     """An argparse `type` for a threshold in (0, 1] (bounded's ranges include their ends, and 0 would commit every
     token); with `none`, the word none too (the linear schedule)."""

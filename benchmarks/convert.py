@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import check_output, description, environment, listed, run_main, write_results
+from common import check_output, description, environment, listed, one_of, run_main, write_results
 from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
 from qdllm.engine.evaluate import device_memory, out_of_memory
 from qdllm.engine.loader import resolve_device
@@ -38,12 +38,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     if int(k) % Method.block_size:
         raise argparse.ArgumentTypeError(f"K must be a multiple of the block size {Method.block_size}, got {text!r}")
     return int(n), int(k)
-
-
-def parse_method(text: str) -> str:
-    if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; expected some of {', '.join(METHODS)}")
-    return text
 
 
 def calibration_h(k: int, tokens: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -102,7 +96,7 @@ def main() -> None:
     ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("--shapes", type=listed(parse_shape, "--shapes"), default=LLADA_8B,
                     help="comma-separated NxK (out x in)")
-    ap.add_argument("--methods", type=listed(parse_method, "--methods"), default=",".join(METHODS),
+    ap.add_argument("--methods", type=listed(one_of(METHODS, "method"), "--methods"), default=",".join(METHODS),
                     help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--repeats", type=bounded(int, "--repeats", 1), default=3)

@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from common import (check_output, confidence, description, environment, listed, random_weight, run_main,
                     write_results)
-from shakespeare import speeches
+from shakespeare import speeches, test_plays
 from qdllm.engine import Detokenizer, DiffusionLM, EngineCore, ModelConfig, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.artifact import read_manifest
 from qdllm.engine.errors import ArgumentParser, bounded
 from qdllm.engine.loader import BACKENDS, check_dir, read_config, resolve_device
 from qdllm.engine.quant_linear import QuantLinear
+from qdllm.engine.sequence import block_layout
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
 from qdllm.kernels.dispatch import triton_unusable
 
@@ -228,10 +229,7 @@ def main() -> None:
 
     if args.shape and args.backend == "dense":
         ap.error("--backend dense: the random packed weights of --shape would only time a dense model")
-    try:
-        device = resolve_device(args.device, "--device")
-    except ValueError as e:
-        ap.error(str(e))
+    device = resolve_device(args.device, "--device")  # a ValueError is one line, through run_main
     if args.cuda_graphs and device.type != "cuda":
         ap.error(f"--cuda-graphs needs a CUDA device; the device is {device}")
     if not args.configs or set(args.configs) - set(CONFIGS):
@@ -240,8 +238,7 @@ def main() -> None:
     if args.backend == "triton" and (why := triton_unusable(torch.empty(0, device=device, dtype=dtype))):
         ap.error(f"--backend triton cannot run here: {why}")
     batches = args.batch
-    block = min(args.block, args.gen)  # the engine's layout: a block longer than the canvas shrinks to it
-    n_blocks = -(-args.gen // block)
+    block, n_blocks = block_layout(SamplingParams(max_tokens=args.gen, block_length=args.block))
     if args.shape and set(args.configs) - {"a"} and args.gen // args.tokens_per_step < n_blocks:
         ap.error(f"--tokens-per-step {args.tokens_per_step}: --gen {args.gen} in {n_blocks} block(s) of --block "
                  f"{block} takes at most {args.gen // n_blocks} tokens per step (each block needs a step)")
@@ -259,10 +256,7 @@ def main() -> None:
         check_dir(Path(args.artifact), "a qdllm artifact directory")
         cfg = read_config(args.model)
         b_eff = read_manifest(Path(args.artifact), verify=False)["effective_bits"]  # as stored, whatever the backend
-        data = Path(args.model) / "data" / "test.txt"
-        if not data.is_file():
-            ap.error(f"--model {args.model}: {data} not found (prompts are drawn from a checkpoint's test plays, "
-                     "as train_tiny.py writes them)")
+        data = test_plays(args.model)
         tok = load_tokenizer(args.model)
         build = {"dense": lambda: load_model(args.model, device=device, dtype=dtype, backend=args.backend),
                  "2bit": lambda: load_model(args.artifact, device=device, dtype=dtype, backend=args.backend)}

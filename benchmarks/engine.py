@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from common import check_output, confidence, description, environment, listed, run_main, write_results
-from shakespeare import speeches
+from shakespeare import speeches, test_plays
 from qdllm.engine import Detokenizer, EngineCore, SamplingParams, load_model, load_tokenizer
 from qdllm.engine.errors import ArgumentParser, bounded
 from qdllm.engine.loader import check_dir, read_config, resolve_device
+from qdllm.engine.sequence import block_layout
 from qdllm.engine.tokenizer import chat_prompt, end_token_ids
 
 CACHES = ("none", "prefix", "dual")
@@ -89,17 +90,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/engine")
     args = ap.parse_args()
 
-    try:
-        device = resolve_device(args.device, "--device")
-    except ValueError as e:
-        ap.error(str(e))
+    device = resolve_device(args.device, "--device")  # a ValueError is one line, through run_main
     # every file is read and checked here, before the model loads
     check_dir(Path(args.model), "a Hugging Face checkpoint directory")
     cfg = read_config(args.model)
-    data = Path(args.model) / "data" / "test.txt"
-    if not data.is_file():
-        ap.error(f"model {args.model}: {data} not found (prompts are drawn from a checkpoint's test plays, as "
-                 "train_tiny.py writes them)")
+    data = test_plays(args.model)
     tok = load_tokenizer(args.model)
     try:
         texts = speeches(data, args.prompts)
@@ -112,8 +107,8 @@ def main() -> None:
             ap.error(f"--long-prompt {args.long_prompt}: {data} holds only {len(ids)} tokens")
         text = tok.decode(ids[: args.long_prompt], skip_special_tokens=True)
         prompts[0] = chat_prompt(tok, [{"role": "user", "content": text}])
-    block = min(args.block_length, args.max_tokens)  # the engine's layout: a block longer than the canvas shrinks
-    canvas = block * -(-args.max_tokens // block)
+    block, n_blocks = block_layout(SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length))
+    canvas = block * n_blocks
     longest = max(map(len, prompts))
     if longest + canvas > cfg.max_seq_len:
         ap.error(f"the longest prompt ({longest} tokens{', --long-prompt' if args.long_prompt else ''})"

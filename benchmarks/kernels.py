@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from common import check_output, description, environment, listed, no_nan, random_weight, result_path, run_main
+from common import (check_output, description, environment, listed, no_nan, one_of, random_weight, result_path,
+                    run_main)
 from qdllm.engine.errors import SEED_MAX, ArgumentParser, bounded
 
 SHAPES = {  # (N out, K in) of every distinct decoder linear
@@ -235,15 +236,6 @@ def plot(file: Path, record: dict) -> None:
     fig.suptitle(f"BCQ kernels on {record['environment']['device']}")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
-
-
-def one_of(known: tuple[str, ...], what: str) -> Callable[[str], str]:
-    """An argparse `type` that accepts a name in `known`."""
-    def parse(text: str) -> str:
-        if text not in known:
-            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; expected some of {', '.join(known)}")
-        return text
-    return parse
 
 
 def block_size(text: str) -> int:

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 import shakespeare
-from common import check_output, description, environment, listed, no_nan, result_path, run_main, write_results
+from common import (check_output, description, environment, listed, no_nan, one_of, result_path, run_main,
+                    write_results)
 from qdllm.engine import load_model, load_tokenizer
 from qdllm.engine.artifact import MANIFEST
 from qdllm.engine.corpus import DataError, read_texts, token_stream
@@ -111,12 +112,6 @@ def plot(file: Path, record: dict) -> None:
     fig.savefig(file, dpi=120)
 
 
-def variant(text: str) -> str:
-    if text not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; expected some of {', '.join(VARIANTS)}")
-    return text
-
-
 def check_work(work: Path, labels: list[str], inputs: list[Path]) -> None:
     """Refuse a --work folder that holds an input, or a variant's folder there that is not ours to replace:
     only an artifact, an interrupted conversion or an empty folder is removed before its conversion."""
@@ -135,7 +130,7 @@ def check_work(work: Path, labels: list[str], inputs: list[Path]) -> None:
 def main() -> None:
     ap = ArgumentParser(description=description(__doc__))
     ap.add_argument("model", type=Path, help="HF checkpoint folder (with data/test.txt and data/calibration.txt)")
-    ap.add_argument("--variants", type=listed(variant, "--variants"), default=",".join(VARIANTS),
+    ap.add_argument("--variants", type=listed(one_of(VARIANTS, "variant"), "--variants"), default=",".join(VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--data", type=Path, default=None, help="held-out text (default: MODEL/data/test.txt)")
     ap.add_argument("--mc", type=bounded(int, "--mc", 1, MAX_MC), default=16)

@@ -73,6 +73,15 @@ def load_split(split: str) -> dict[str, str]:
     return {name: normalise(f.read_text(encoding="utf-8")) for name, f in files.items() if split_of(name) == split}
 
 
+def test_plays(model: str | Path) -> Path:
+    """A checkpoint's test plays (data/test.txt, as train_tiny.py writes them), where benchmarks draw prompts."""
+    path = Path(model) / "data" / "test.txt"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (benchmarks draw prompts from a checkpoint's test plays, as "
+                         "train_tiny.py writes them; an artifact has none)")
+    return path
+
+
 def speeches(path: Path, n: int, max_chars: int = 200) -> list[str]:
     """The first n speeches of a normalised dialogue file, without their speakers: prompts for benchmarks.
     Refuses n < 1, and n above the speeches the file holds (never silently fewer)."""

@@ -232,10 +232,7 @@ def main() -> None:
     if s.d_model % (2 * s.n_heads):
         ap.error(f"--d-model ({s.d_model}) must be a multiple of 2 x --n-heads ({s.n_heads}): rotary embeddings "
                  "need heads of an even size")
-    try:
-        resolve_device(s.device, "--device")
-    except ValueError as e:
-        ap.error(str(e))
+    resolve_device(s.device, "--device")  # a ValueError is one line, through run_main
     out: Path = args.out
     if out.exists() and not out.is_dir():
         ap.error(f"--out {out} is a file; expected a model folder to write")
