@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from qdllm.engine.evaluate import out_of_memory
+
 
 def description(doc: str) -> str:
     """A script's `--help` description: its docstring's first paragraph, on one line."""
@@ -105,13 +107,21 @@ def check_output(flag: str, out: Path, inputs: Iterable[Path | None] = (), suffi
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a benchmark's main: a refusal (ValueError, which qdllm's checkpoint, data and request errors are) or
-    an OS error ends in one line naming the script, exit status 2, never a traceback."""
+    an OS error ends in one line naming the script, exit status 2, never a traceback; running out of host or
+    device memory ends in one line too, exit status 1."""
     prog = Path(sys.argv[0]).name
     try:
         main()
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        # torch's message runs to several lines of allocator advice
+        print(f"{prog}: error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "try smaller settings", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_results(out: Path, record: dict, plot: Callable[[Path, dict], None]) -> None:

@@ -92,7 +92,8 @@ def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> d
     wall = time.perf_counter() - t0
     outs = [final[i] for i in ids]
     return {"wall_s": wall, "tokens": sum(len(o.token_ids) for o in outs),
-            "latency_s": statistics.median(o.stats.latency_s for o in outs), "nfe": statistics.mean(o.nfe for o in outs)}
+            "latency_s": statistics.median(o.stats.latency_s for o in outs),
+            "nfe": statistics.mean(o.nfe for o in outs)}
 
 
 def profile_run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, top: int = 12) -> dict:
@@ -188,7 +189,8 @@ def plot(file: Path, record: dict) -> None:
     ax.set_xticks([x + width * (len(CONFIGS) - 1) / 2 for x in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens/s (median)")
     env, s = record["environment"], record["settings"]
-    run = f"{s['dense_dtype'].removeprefix('torch.')}, backend {s['backend']}{', CUDA graphs' if s['cuda_graphs'] else ''}"
+    graphs = ", CUDA graphs" if s["cuda_graphs"] else ""
+    run = f"{s['dense_dtype'].removeprefix('torch.')}, backend {s['backend']}{graphs}"
     ax.set_title(f"qdllm end to end, {s['model']}, gen {s['gen']}, block {s['block']}, {run}\n"
                  f"{env['device']}, {env['date']}")
     ax.legend(fontsize=8)
@@ -276,7 +278,8 @@ def main() -> None:
         table = fits_table(cfg, b_eff, args.prompt_len, args.gen)
         print(f"{args.shape}: {b_eff:.3f} effective bits; prompt {args.prompt_len} + gen {args.gen} tokens")
         for r in table:
-            print(f"{r['device']:>40} {r['weights']:>5}: weights {r['weight_gb']:6.2f} GB + KV {r['kv_gb_per_sequence']:.2f}"
+            print(f"{r['device']:>40} {r['weights']:>5}: weights {r['weight_gb']:6.2f} GB"
+                  f" + KV {r['kv_gb_per_sequence']:.2f}"
                   f" GB, fits: {'yes' if r['fits_batch_1'] else 'no'}, <= {r['forwards_per_s_bound']:.1f} forwards/s")
         return
 

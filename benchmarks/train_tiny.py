@@ -73,11 +73,11 @@ class Settings:
 
 # Each numeric setting's range (lowest, highest or None). The vocabulary must hold the 256 byte pieces, the
 # corpus's characters and the special tokens; 4096 is LLaDA's context.
-RANGES = {"seed": (0, SEED_MAX), "vocab_size": (512, 65536), "d_model": (2, None), "n_layers": (1, None),
-          "n_heads": (1, None), "mlp_hidden_size": (1, None), "seq_len": (1, 4096), "batch_size": (1, None),
-          "steps": (1, None), "lr": (1e-6, 1.0), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, None),
-          "weight_decay": (0.0, 1.0), "grad_clip": (1e-6, None), "eps": (1e-6, 0.999), "eval_every": (1, None),
-          "eval_windows": (1, None), "threads": (1, 1024)}
+RANGES = {"seed": (0, SEED_MAX), "vocab_size": (512, 65536), "d_model": (2, 8192), "n_layers": (1, 128),
+          "n_heads": (1, 128), "mlp_hidden_size": (1, 65536), "seq_len": (1, 4096), "batch_size": (1, 4096),
+          "steps": (1, 10**7), "lr": (1e-6, 1.0), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, 10**7),
+          "weight_decay": (0.0, 1.0), "grad_clip": (1e-6, 1e6), "eps": (1e-6, 0.999), "eval_every": (1, 10**7),
+          "eval_windows": (1, 100_000), "threads": (1, 1024)}
 CHOICES = {"autocast": ("bfloat16", "none"), "save_dtype": ("bfloat16", "float16", "float32")}
 
 
@@ -232,6 +232,8 @@ def main() -> None:
     if s.d_model % (2 * s.n_heads):
         ap.error(f"--d-model ({s.d_model}) must be a multiple of 2 x --n-heads ({s.n_heads}): rotary embeddings "
                  "need heads of an even size")
+    if s.warmup_steps > s.steps:
+        ap.error(f"--warmup-steps ({s.warmup_steps}) must be at most --steps ({s.steps})")
     resolve_device(s.device, "--device")  # a ValueError is one line, through run_main
     out: Path = args.out
     if out.exists() and not out.is_dir():

@@ -47,7 +47,8 @@ class Metrics:
         st = engine.stats
         out = ["# HELP qdllm_requests_total HTTP requests by endpoint and status.",
                "# TYPE qdllm_requests_total counter"]
-        out += [f'qdllm_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        out += [f'qdllm_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                for (e, s), n in sorted(self.requests.items())]
         for name, kind, help_text, value in [
             ("qdllm_prompt_tokens_total", "counter", "Prompt tokens of finished choices.", self.prompt_tokens),
             ("qdllm_generation_tokens_total", "counter", "Generated tokens returned.", self.completion_tokens),

@@ -105,7 +105,10 @@ SMALL = ("--shape", "llada-small", "--configs", "b", "--gen", "8", "--block", "8
     ("serve.py", ("--url", "notaurl"), "--url must be a server's base address such as http://127.0.0.1:8000"),
     ("train_tiny.py", ("--out", "assets/llada-shakespeare"),
      "--out assets/llada-shakespeare is not empty; pass --overwrite to replace the model there"),
-    ("train_tiny.py", ("--out", "build/never", "--grad-clip", "nan"), "--grad-clip must be a number at least 1e-06"),
+    ("train_tiny.py", ("--out", "build/never", "--grad-clip", "nan"), "--grad-clip must be a number in [1e-06, "),
+    ("train_tiny.py", ("--out", "build/never", "--d-model", "100000"), "--d-model must be an integer in [2, 8192]"),
+    ("train_tiny.py", ("--out", "build/never", "--warmup-steps", "10", "--steps", "5"),
+     "--warmup-steps (10) must be at most --steps (5)"),
 ])
 def test_benchmarks_refuse_bad_input_in_one_line(script, args, message):
     """Before these checks, such flags ended in tracebacks (some after minutes of measuring), ran on with nonsense,
@@ -116,3 +119,28 @@ def test_benchmarks_refuse_bad_input_in_one_line(script, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert {f: f.stat().st_mtime_ns for f in ASSET.rglob("*")} == before
     assert not (ROOT / "build" / "never").exists()
+
+
+def test_run_main_reports_running_out_of_memory_in_one_line(capsys):
+    """An allocation failure during a measurement is one line (torch's own message runs to several), exit 1;
+    any other error still shows its traceback."""
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+
+    def fail(e: BaseException):
+        def main() -> None:
+            raise e
+        return main
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf reserved but unallocated ...")
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 68719476736 bytes.")
+    for error, shown in ((cuda, "CUDA out of memory. Tried to allocate 2.00 GiB."), (cpu, "can't allocate memory")):
+        with pytest.raises(SystemExit) as exit_:
+            common.run_main(fail(error))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count("\n") == 1 and shown in err, err
+        assert err.endswith("); try smaller settings\n") and "If reserved" not in err
+    with pytest.raises(RuntimeError, match="a bug"):
+        common.run_main(fail(RuntimeError("a bug")))
