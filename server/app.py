@@ -43,6 +43,7 @@ class ServerConfig:
     api_key: str | None = None
     max_n: int = 16  # choices per request
     max_body_bytes: int = 8 << 20  # larger bodies get 413 before they are read
+    body_timeout_s: float = 60.0  # from the headers to the body's last byte: 8 MiB at about 1 Mbit/s
 
 
 def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: ServerConfig) -> FastAPI:
@@ -59,6 +60,9 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
     # A token spans at most the longest vocabulary entry (x4 for normalizers that merge characters), so a text
     # longer than this cannot fit the context; it is refused before the tokenizer spends time and memory on it.
     max_chars = 4 * max((len(t) for t in tokenizer.get_vocab()), default=1) * engine.core.max_model_len
+    # The most JSON values a request the server can run holds: a full queue of prompts of token ids, a message
+    # per token (each a few values), a logit_bias entry per vocabulary token, and the other fields.
+    max_values = (engine.max_queue + 16) * engine.core.max_model_len + len(tokenizer) + 4096
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, e: APIError) -> JSONResponse:
@@ -100,7 +104,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse(await read_body(request), CompletionRequest)
+        req = parse(await read_body(request), CompletionRequest, max_values)
         check_model(req.model)
         prompts = completion_prompts(req.prompt)
         check_choices(req.n, len(prompts))
@@ -121,7 +125,7 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse(await read_body(request), ChatRequest)
+        req = parse(await read_body(request), ChatRequest, max_values)
         check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages must hold at least one message", "messages")
@@ -141,15 +145,17 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         return await respond(request, req, [ids], chat=True)
 
     async def read_body(request: Request) -> bytes:
-        """The body, refused once it outgrows the limit, so a huge one costs neither memory nor time."""
+        """The body, refused once it outgrows the limit, so a huge one costs neither memory nor time; and once it
+        is late or the server shuts down, so an unfinished one holds its handler for no longer."""
         too_large = APIError(413, f"the request body is larger than the server's limit of {config.max_body_bytes} "
                                   f"bytes")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > config.max_body_bytes:
             raise too_large
         chunks, size = [], 0
+        stream, deadline = request.stream(), time.monotonic() + config.body_timeout_s
         try:
-            async for chunk in request.stream():
+            while (chunk := await next_chunk(stream, deadline)) is not None:
                 size += len(chunk)
                 if size > config.max_body_bytes:
                     raise too_large
@@ -157,6 +163,18 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         except ClientDisconnect:  # the client left mid-upload; nobody reads this
             raise APIError(499, "the client disconnected") from None
         return b"".join(chunks)
+
+    async def next_chunk(stream: AsyncIterator[bytes], deadline: float) -> bytes | None:
+        task = asyncio.ensure_future(anext(stream, None))
+        try:
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if not engine.alive:
+                    raise APIError(503, "the server is shutting down; retry later")
+                if time.monotonic() > deadline:
+                    raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s")
+            return task.result()
+        finally:
+            task.cancel()  # a no-op once it is done
 
     def check_model(name: str) -> None:
         if name != config.model_name:
@@ -212,7 +230,8 @@ def create_app(engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase, config: 
         if any(o.finish_reason == "abort" for o in finals):
             raise APIError(503, "the server is shutting down; retry later")
         record(meta, finals)
-        return JSONResponse(meta.response(finals))
+        # in a thread: the logprobs of a large request take seconds to detokenize, and the event loop serves others
+        return await asyncio.to_thread(lambda: JSONResponse(meta.response(finals)))
 
     async def collect(request: Request, streams: list) -> list[RequestOutput] | None:
         """Every choice's final output, or None if the client disconnects first (the requests are cancelled)."""

@@ -12,7 +12,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from qdllm.engine import LLM, AsyncEngine, EngineCore, SamplingParams
 from qdllm.engine.artifact import MANIFEST
@@ -21,6 +20,7 @@ from qdllm.engine.kv_cache import PAGE
 from qdllm.engine.loader import BACKENDS, check_dir, resolve_device
 
 from .app import ServerConfig, create_app
+from .shutdown import serve
 
 
 def parser() -> ArgumentParser:
@@ -49,6 +49,11 @@ def parser() -> ArgumentParser:
     ap.add_argument("--max-queue", type=bounded(int, "--max-queue", 1), default=128,
                     help="requests waiting before new ones get 503 (default 128)")
     ap.add_argument("--max-n", type=bounded(int, "--max-n", 1), default=16, help="largest n per request (default 16)")
+    ap.add_argument("--shutdown-timeout", type=bounded(float, "--shutdown-timeout", 0, 3600), default=10.0,
+                    metavar="SECONDS", help="on SIGINT/SIGTERM, how long requests in flight may still run before "
+                                            "they end with 503 (default 10; a second Ctrl+C ends them at once)")
+    ap.add_argument("--body-timeout", type=bounded(float, "--body-timeout", 0.1, 3600), default=60.0,
+                    metavar="SECONDS", help="time a request's body may take to arrive before it gets 408 (default 60)")
     ap.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
                     help="a Jinja chat template instead of the tokenizer's (a base model has none)")
     ap.add_argument("--served-model-name", default=None,
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qdllm-serve: error: {message}", file=sys.stderr)
         sys.exit(2)
     engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
-    config = ServerConfig(args.served_model_name or args.model.resolve().name, defaults, args.api_key, args.max_n)
+    config = ServerConfig(args.served_model_name or args.model.resolve().name, defaults, args.api_key, args.max_n,
+                          body_timeout_s=args.body_timeout)
     app = create_app(engine, llm.tokenizer, config)
 
     log = logging.getLogger("qdllm.server")
@@ -140,5 +146,4 @@ def main(argv: list[str] | None = None) -> None:
     # these make that last step a no-op, so a graceful shutdown exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", log_level=args.log_level,
-                timeout_graceful_shutdown=10, access_log=False)
+    serve(app, engine, args.host, args.port, args.log_level, args.shutdown_timeout)

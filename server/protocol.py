@@ -123,8 +123,20 @@ def _no_constant(name: str) -> None:
     raise _NotJSON(f"{name} is not a JSON value")
 
 
-def parse(body: bytes, schema: type[_Request]) -> _Request:
-    """A validated request from raw bytes; any problem becomes one APIError naming the field."""
+def json_values(body: bytes) -> int:
+    """About how many JSON values `body` holds outside its strings (its commas and opening brackets), in C and
+    in linear time: an 8 MB body counts in about 40 ms, where parsing one of many small arrays blocks the event
+    loop for seconds. Escaped backslashes and quotes go first, so that no string holds a quote."""
+    outside = re.sub(rb'"[^"]*"', b"", body.replace(b"\\\\", b"").replace(b'\\"', b""))
+    return outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+
+
+def parse(body: bytes, schema: type[_Request], max_values: int) -> _Request:
+    """A validated request from raw bytes; any problem becomes one APIError naming the field. A body of more than
+    `max_values` JSON values, more than any request the server can run holds, is refused before it is parsed."""
+    if len(body) > max_values and (values := json_values(body)) > max_values:  # each counted byte is one
+        raise APIError(413, f"the request body holds about {values} JSON values; no request this server can run "
+                            f"holds more than {max_values}")
     try:
         obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:

@@ -276,7 +276,7 @@ def no_server(monkeypatch):
     """A refusal that does not happen must fail the test, not leave a server running."""
     def run(*args, **kwargs):
         raise AssertionError("qdllm-serve started serving")
-    monkeypatch.setattr(serve_cli.uvicorn, "run", run)
+    monkeypatch.setattr(serve_cli, "serve", run)
 
 
 def cli_refused(main, argv, capsys, *fragments: str) -> str:
