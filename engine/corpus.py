@@ -36,6 +36,11 @@ def read_texts(path: str | Path) -> list[str]:
                 raise DataError(f"{path}:{n}: not valid JSON (expected {expected})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path}:{n}: expected an object with a string field 'text'")
+            try:
+                record["text"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{n}: 'text' holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                                "which is not Unicode text") from None
             texts.append(record["text"])
     if not any(t.strip() for t in texts):
         raise DataError(f"{path}: holds no text")

@@ -63,6 +63,8 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{file}: not found (expected a Hugging Face checkpoint directory)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: unreadable (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     family = models.by_model_type(raw.get("model_type"))
@@ -92,6 +94,9 @@ def shard_files(path: Path, files: list[Path] | None = None) -> dict[str, Path]:
     names: dict[str, Path] = {}
     for file in files:
         for name in _open(file).keys():
+            if name in names:  # which copy is meant? Taking the last one changed a layer without a word
+                raise CheckpointError(f"{file}: tensor '{name}' is also in {names[name].name}; without {INDEX} "
+                                      "to choose, each tensor must be in one file")
             names[name] = file
     return names
 
@@ -123,7 +128,7 @@ def empty_model(cfg: ModelConfig, path: Path) -> DiffusionLM:
     try:
         with torch.device("meta"):
             return DiffusionLM(cfg)
-    except (RuntimeError, OverflowError) as e:
+    except (RuntimeError, OverflowError, TypeError) as e:  # TypeError: a size beyond int64
         raise CheckpointError(f"{path / 'config.json'}: sizes too large to build the model "
                               f"({str(e).splitlines()[0]})") from None
 
@@ -176,7 +181,8 @@ def load_state(path: Path, cfg: ModelConfig, shapes: dict[str, torch.Size], dtyp
         handle = _open(file)
         for native, ckpt in names:
             t = handle.get_tensor(ckpt)
-            if finite and not torch.isfinite(t).all():
+            # fp8 has no isfinite kernel; every fp8 value is finite or NaN in fp16 too
+            if finite and not torch.isfinite(t.half() if t.element_size() == 1 else t).all():
                 raise CheckpointError(f"{file}: tensor '{ckpt}' holds NaN or inf")
             state[native] = t.to(device=device, dtype=dtype)
     return state

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from qdllm.engine.artifact import FORMAT_VERSION, MANIFEST, sha256_file
@@ -121,8 +122,11 @@ class ArtifactWriter:
     def _save_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.total)
         tmp = self.out / (name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp),
-                  metadata={"format": "pt"})  # one key: safetensors writes several in random order
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(tmp),
+                      metadata={"format": "pt"})  # one key: safetensors writes several in random order
+        except SafetensorError as e:  # a full disk, a lost permission: not an OSError, though it is one
+            raise OSError(f"{tmp}: cannot be written ({str(e).splitlines()[0]})") from None
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files, which no other user could serve
         os.replace(tmp, self.out / name)
         self.shards[name] = sha256_file(self.out / name)

@@ -172,6 +172,20 @@ def refuse(capsys, argv, message):
     assert e.value.code == 2 and message in err and "\n" not in err, err
 
 
+def test_a_shard_that_cannot_be_written_is_one_line(src, calib, tmp_path, capsys, monkeypatch):
+    """safetensors' SafetensorError (a full disk, a lost permission) is no OSError: it ended in a traceback."""
+    def full(tensors, file, metadata=None):
+        raise artifact_module.SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(artifact_module, "save_file", full)
+    with pytest.raises(SystemExit) as e:
+        main([str(src), str(tmp_path / "o"), "--calib", str(calib), *BASE])
+    err = capsys.readouterr().err  # after the progress bar, on a line of its own
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith("model-00001-of-00003.safetensors.tmp: cannot be written (Error while "
+                                         "serializing: I/O error: File too large (os error 27))"), err
+
+
 def test_cli_refusals(src, calib, tmp_path, capsys, art):
     out = str(tmp_path / "o")
     refuse(capsys, [str(src), out, *BASE], "--calib FILE is required")

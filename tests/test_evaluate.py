@@ -114,6 +114,7 @@ def test_jsonl_documents_are_joined_with_eos(llada_dir, tmp_path):
     ("", "holds no text"),
     ('{"text": "w5"}\n{"txt": "w6"}\n', "docs.jsonl:2: expected an object with a string field 'text'"),
     ('{"text": "w5"}\nnot json\n', "docs.jsonl:2: not valid JSON"),
+    ('{"text": "w5 \\ud800"}\n', "docs.jsonl:1: 'text' holds a lone UTF-16 surrogate escape"),  # was a traceback
 ])
 def test_bad_data_files_are_refused_in_one_line(tmp_path, content, message):
     path = tmp_path / "docs.jsonl"

@@ -53,6 +53,43 @@ def test_unreadable_config(ckpt):
     refused(ckpt, "config.json", "unreadable")
 
 
+def test_config_nested_too_deeply(ckpt):
+    """A RecursionError traceback."""
+    (ckpt / "config.json").write_text("[" * 100000 + "]" * 100000)
+    refused(ckpt, "config.json: unreadable (nested too deeply)")
+
+
+def test_config_sizes_beyond_int64(ckpt):
+    """A TypeError traceback from torch.empty."""
+    edit_config(ckpt, mlp_hidden_size=2**63)
+    refused(ckpt, "config.json: sizes too large to build the model")
+
+
+def test_an_fp8_e4m3_source_is_checked_for_nan(ckpt):
+    """torch has no isfinite for float8_e4m3fn: qdllm-convert ended in a traceback before calibrating."""
+    from qdllm.engine.loader import load_state
+    cfg = read_config(ckpt)
+    shapes = {"embed.weight": torch.Size([cfg.vocab_size, cfg.d_model])}
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(ckpt / "model.safetensors").items()}
+    save_file(state, ckpt / "model.safetensors")
+    name = next(k for k in state if k.endswith("wte.weight"))  # LLaDA's embedding
+    embed = load_state(ckpt, cfg, shapes, torch.float32, "cpu", finite=True)["embed.weight"]
+    assert torch.equal(embed, state[name].float())
+    state[name][0, 0] = float("nan")
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds NaN or inf"):
+        load_state(ckpt, cfg, shapes, torch.float32, "cpu", finite=True)
+
+
+def test_a_tensor_in_two_files_without_an_index(ckpt):
+    """The last file's copy was taken silently."""
+    state = load_file(ckpt / "model.safetensors")
+    name = next(iter(sorted(state)))
+    save_file({name: state[name]}, ckpt / "zz-extra.safetensors")
+    refused(ckpt, f"zz-extra.safetensors: tensor '{name}' is also in model.safetensors; without "
+                  "model.safetensors.index.json to choose, each tensor must be in one file")
+
+
 def test_unknown_model_type(ckpt):
     edit_config(ckpt, model_type="llama")
     refused(ckpt, "config.json", "unknown model_type 'llama'", "llada", "Dream")
