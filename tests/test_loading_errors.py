@@ -12,6 +12,7 @@ from tiny import write_checkpoint
 from qdllm.engine import LLM, CheckpointError, load_model, read_config
 from qdllm.engine.artifact import sha256_file
 from qdllm.engine.evaluate import main as eval_main
+from qdllm.engine.loader import load_state
 from qdllm.server import cli as serve_cli
 from qdllm.server.cli import main as serve_main
 
@@ -67,7 +68,6 @@ def test_config_sizes_beyond_int64(ckpt):
 
 def test_an_fp8_e4m3_source_is_checked_for_nan(ckpt):
     """torch has no isfinite for float8_e4m3fn: qdllm-convert ended in a traceback before calibrating."""
-    from qdllm.engine.loader import load_state
     cfg = read_config(ckpt)
     shapes = {"embed.weight": torch.Size([cfg.vocab_size, cfg.d_model])}
     state = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(ckpt / "model.safetensors").items()}

@@ -16,6 +16,7 @@ import torch
 
 from qdllm.engine import LLM, SamplingParams, TokenLogprob
 from qdllm.engine.tokenizer import chat_prompt
+from qdllm.server.protocol import json_values
 
 ASSET = Path(__file__).parents[1] / "assets" / "llada-shakespeare"
 SERVE = str(Path(sys.executable).parent / "qdllm-serve")
@@ -681,6 +682,5 @@ def values_in(obj) -> int:
     {"prompt": "é ü 中文 \u2028 , [ ] { }", "nested": [[[[]]]], "e": [{}]},
 ])
 def test_json_values_counts_outside_strings_only(doc):
-    from qdllm.server.protocol import json_values
     for text in (json.dumps(doc), json.dumps(doc, ensure_ascii=False), json.dumps(doc, separators=(",", ":"))):
         assert json_values(text.encode()) == values_in(doc)
